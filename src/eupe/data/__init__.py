@@ -1,0 +1,1 @@
+"""Image sources, mixing, augmentation, resolution pyramids, the teacher-feature cache."""

@@ -1,0 +1,1 @@
+"""Inference cost (params, FLOPs, latency) and export (ONNX, ExecuTorch, torch.export)."""

@@ -1,0 +1,80 @@
+"""Adapter heads: project student tokens into each teacher's space (paper section 4.1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError
+from ..models.encoder import EncoderOutput
+
+HEADS_FILE = "heads.safetensors"
+
+
+class AdapterHead(nn.Sequential):
+    """Linear (no bias) -> LayerNorm -> GELU -> Linear (no bias)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__(
+            nn.Linear(in_dim, hidden_dim, bias=False),
+            nn.LayerNorm(hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim, bias=False),
+        )
+        self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
+
+
+class TeacherHeads(nn.Module):
+    """One cls head and one patch head per teacher, keyed by teacher name."""
+
+    def __init__(self, student_dim: int, teacher_dims: dict[str, tuple[int, int]], hidden_dim: int):
+        """teacher_dims maps a teacher name to its (cls_dim, patch_dim)."""
+        super().__init__()
+        self.student_dim, self.hidden_dim = student_dim, hidden_dim
+        self.teacher_dims = dict(teacher_dims)
+        self.cls = nn.ModuleDict(
+            {t: AdapterHead(student_dim, hidden_dim, c) for t, (c, _) in teacher_dims.items()}
+        )
+        self.patch = nn.ModuleDict(
+            {t: AdapterHead(student_dim, hidden_dim, p) for t, (_, p) in teacher_dims.items()}
+        )
+
+    def forward(self, out: EncoderOutput, teacher: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student output -> (cls [B, Dc], patches [B, N, Dp]) in `teacher`'s normalized space."""
+        return self.cls[teacher](out.cls), self.patch[teacher](out.patches)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / HEADS_FILE
+        meta = {
+            "student_dim": self.student_dim,
+            "hidden_dim": self.hidden_dim,
+            "teacher_dims": {t: list(d) for t, d in self.teacher_dims.items()},
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"eupe": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TeacherHeads:
+        path = Path(directory) / HEADS_FILE if Path(directory).is_dir() else Path(directory)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {})["eupe"])
+            state = load_file(str(path))
+            heads = cls(
+                meta["student_dim"],
+                {t: tuple(d) for t, d in meta["teacher_dims"].items()},
+                meta["hidden_dim"],
+            )
+            heads.load_state_dict(state, strict=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: not a readable adapter-heads file ({type(e).__name__}: {e})"
+            ) from None
+        return heads

@@ -1,0 +1,13 @@
+"""Errors that the CLI reports as one line instead of a traceback."""
+
+
+class EupeError(Exception):
+    """Base class: a user-facing error whose message says what is wrong and how to fix it."""
+
+
+class CheckpointError(EupeError, ValueError):
+    """A weights file could not be read or does not fit the model it was loaded into."""
+
+
+class ConfigError(EupeError, ValueError):
+    """A configuration value is missing, of the wrong type, or inconsistent."""

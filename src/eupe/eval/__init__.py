@@ -1,0 +1,1 @@
+"""Evaluations of frozen encoders: one module per benchmark, plus the report."""

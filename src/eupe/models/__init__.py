@@ -1,0 +1,20 @@
+"""Encoders the project trains and ships, and how their weights load."""
+
+from .encoder import Encoder, EncoderOutput, count_params, feature_map_to_output, vit_tokens_to_output
+from .loading import create_model, load_weights, read_state_dict
+from .zoo import STUDENTS, ZOO, ZooSpec, get_spec
+
+__all__ = [
+    "Encoder",
+    "EncoderOutput",
+    "ZOO",
+    "STUDENTS",
+    "ZooSpec",
+    "count_params",
+    "create_model",
+    "feature_map_to_output",
+    "get_spec",
+    "load_weights",
+    "read_state_dict",
+    "vit_tokens_to_output",
+]
