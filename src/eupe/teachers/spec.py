@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -12,6 +13,9 @@ class TeacherSpec:
     backend: "timm" | "onnx" | "eupe" (a checkpoint this project trained) | any registered backend.
     model: timm model name, ONNX file, or eupe `final/` folder / zoo name, depending on backend.
     checkpoint: local weights file (timm backend) or the eupe folder (eupe backend).
+    pretrained: timm backend only: fetch the hub weights when no checkpoint is given (online). False
+        builds a randomly initialised model (tests, tiny configs), seeded from the run seed.
+    kwargs: extra keyword arguments for the model constructor (e.g. timm depth/embed_dim for tiny teachers).
     resolution: native square input side; must be a multiple of the teacher's patch size.
     summary: where the cls target comes from: "cls" (class token), "head" (attention-pooled
         head output, PE), "mean" (mean-pooled patches), "block:N" (block N's output, normed).
@@ -24,6 +28,8 @@ class TeacherSpec:
     backend: str = "timm"
     model: str = ""
     checkpoint: str | None = None
+    pretrained: bool = True
+    kwargs: dict[str, Any] = field(default_factory=dict)
     resolution: int | None = None
     summary: str = ""
     patches: str = "final"
