@@ -1,0 +1,246 @@
+"""The distillation config: typed OmegaConf dataclasses, YAML files, `key=value` overrides.
+
+Every number of a run lives here (and in the resolved `config.yaml` the run writes). A YAML file
+may list `defaults: [base.yaml, ...]`, files (relative to it) merged first, so the six paper
+students share one file of Stage-2 numbers. `validate()` turns every inconsistency into one
+`ConfigError` naming the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..data import DataConfig
+from ..errors import ConfigError
+from ..models.zoo import STUDENTS, ZOO
+from ..teachers.spec import TeacherSpec
+
+STAGES = ("fixed", "pyramid")
+
+
+@dataclass
+class StudentConfig:
+    """The encoder being trained. `init`: a `final/` folder to start from (required in Stage 3)."""
+
+    name: str = "eupe_vitb16"
+    init: str | None = None
+    resolution: int = 256  # input side in stage "fixed"; pyramid scales replace it in "pyramid"
+    rope_rescale_coords: float | None = 2.0  # ViT training-time RoPE rescale (official recipe)
+    overrides: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. drop_path_rate
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # newest K kept; <= 0 keeps all
+    global_batch: int = 256  # images per optimizer step, over all devices and accumulation steps
+    accum_steps: int = 1  # micro-batches per optimizer step on each device
+    lr: float = 2e-5  # peak learning rate after warmup
+    min_lr: float = 0.0  # cosine floor
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4  # not applied to norms, biases and tokens
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 1.0  # max global grad norm; 0 disables
+    bf16: bool = False  # bf16 autocast for the student and heads (teachers: their spec's dtype)
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    tensorboard: bool = False  # also log to output_dir/tensorboard (needs the tensorboard package)
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class LossConfig:
+    """L_i = cos(cls) + alpha * cos(patch) + beta * smoothL1(patch) (paper eq. 5)."""
+
+    alpha: float = 0.9
+    beta: float = 0.1
+    smooth_l1_beta: float = 1.0
+
+
+@dataclass
+class HeadsConfig:
+    hidden_dim: int = 3072  # paper: 1536 in Stage 1, 3072 in Stages 2/3
+
+
+@dataclass
+class NormConfig:
+    batches: int = 500  # micro-batches of teacher outputs measured for TeacherNorm before training
+
+
+@dataclass
+class DistillConfig:
+    output_dir: str = "runs/distill"
+    seed: int = 0
+    stage: str = "fixed"  # "fixed" (Stages 1, 2) or "pyramid" (Stage 3)
+    pyramid: list[int] = field(default_factory=lambda: [256, 384, 512])
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: LossConfig = field(default_factory=LossConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# -- loading -------------------------------------------------------------------------------------
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its `defaults` (files relative to it) merged underneath, recursively."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `defaults` include themselves in a cycle")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+    bases = raw.pop("defaults", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create({})
+    for base in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(base), (*seen, path)))
+    return OmegaConf.merge(merged, raw)  # type: ignore[return-value]
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> DistillConfig:
+    """YAML file (optional) + `key=value` overrides -> a validated `DistillConfig`."""
+    schema = OmegaConf.structured(DistillConfig)
+    layers: list[Any] = [schema]
+    if path is not None:
+        layers.append(_read_yaml(Path(path)))
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.lr=1e-4)")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {_describe(e)}") from None
+    assert isinstance(cfg, DistillConfig)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DistillConfig) -> str:
+    """The resolved config, as written to `output_dir/config.yaml`."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def world_size() -> int:
+    """Number of data-parallel processes (torchrun's WORLD_SIZE; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def micro_batch(cfg: DistillConfig) -> int:
+    """Images per forward pass on one device."""
+    return cfg.train.global_batch // (cfg.train.accum_steps * world_size())
+
+
+def student_resolutions(cfg: DistillConfig) -> list[int]:
+    return list(cfg.pyramid) if cfg.stage == "pyramid" else [cfg.student.resolution]
+
+
+# -- validation ----------------------------------------------------------------------------------
+def _positive(value: float, name: str, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{name} must be {'>= 0' if zero_ok else '> 0'}; got {value}")
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Raise ConfigError on the first inconsistent field (checks that need no model built)."""
+    from ..teachers import known_teachers
+
+    t = cfg.train
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
+    for name in ("max_steps", "log_every", "checkpoint_every", "global_batch", "accum_steps"):
+        _positive(getattr(t, name), f"train.{name}")
+    _positive(t.lr, "train.lr")
+    for name in ("min_lr", "weight_decay", "clip_grad", "warmup_steps"):
+        _positive(getattr(t, name), f"train.{name}", zero_ok=True)
+    if t.warmup_steps > t.max_steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}")
+    ws = world_size()
+    if t.global_batch % (t.accum_steps * ws):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by train.accum_steps x world size "
+            f"= {t.accum_steps} x {ws}; pick a global batch that is a multiple of {t.accum_steps * ws}"
+        )
+    _positive(cfg.heads.hidden_dim, "heads.hidden_dim")
+    _positive(cfg.norm.batches, "norm.batches")
+    _positive(cfg.distill.alpha, "distill.alpha", zero_ok=True)
+    _positive(cfg.distill.beta, "distill.beta", zero_ok=True)
+
+    s = cfg.student
+    if s.name not in ZOO:
+        raise ConfigError(
+            f"student.name: unknown model {s.name!r}; students: {', '.join(STUDENTS)} "
+            f"(all zoo models: {', '.join(ZOO)})"
+        )
+    stride = ZOO[s.name].stride
+    if cfg.stage == "pyramid":
+        if not cfg.pyramid:
+            raise ConfigError("pyramid: stage 'pyramid' needs at least one scale, e.g. [256, 384, 512]")
+        for r in cfg.pyramid:
+            if r <= 0 or r % stride:
+                raise ConfigError(
+                    f"pyramid: scale {r} is not a multiple of the patch size {stride} of {s.name} "
+                    f"(nearest: {max(stride, round(r / stride) * stride)})"
+                )
+        if not s.init:
+            raise ConfigError(
+                "student.init: stage 'pyramid' (Stage 3) starts from the Stage-2 student; "
+                "set student.init=<stage-2 output_dir>/final"
+            )
+    elif s.resolution <= 0 or s.resolution % stride:
+        raise ConfigError(
+            f"student.resolution={s.resolution} is not a multiple of the patch size {stride} of {s.name} "
+            f"(nearest: {max(stride, round(s.resolution / stride) * stride)})"
+        )
+    if s.init and not (Path(s.init) / "config.json").is_file():
+        raise ConfigError(
+            f"student.init={s.init!r}: not a final/ folder with config.json + model.safetensors "
+            "(use the final/ folder of the previous stage's output_dir)"
+        )
+
+    if not cfg.teachers:
+        raise ConfigError("teachers: at least one teacher is needed, e.g. teachers.dinov3_hplus={}")
+    presets = known_teachers()
+    for name, spec in cfg.teachers.items():
+        key = f"teachers.{name}"
+        if spec.backend == "eupe":
+            if not (spec.checkpoint or spec.model):
+                raise ConfigError(
+                    f"{key}.checkpoint is unset: the eupe backend loads a trained final/ folder; "
+                    f"pass {key}.checkpoint=<stage-1 output_dir>/final"
+                )
+        elif not spec.model and name not in presets:
+            raise ConfigError(
+                f"{key}: unknown teacher {name!r}: not a preset ({', '.join(sorted(presets))}) and "
+                f"{key}.model is not set"
+            )
+        if spec.resolution is not None and spec.resolution <= 0:
+            raise ConfigError(f"{key}.resolution must be > 0; got {spec.resolution}")
+        _positive(spec.weight, f"{key}.weight", zero_ok=True)
+        _positive(spec.patch_weight, f"{key}.patch_weight", zero_ok=True)
+        if spec.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"{key}.dtype must be 'fp32' or 'bf16'; got {spec.dtype!r}")

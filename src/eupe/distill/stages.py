@@ -1,0 +1,144 @@
+"""What differs between the stages: the student (fresh or from `student.init`), its input, and the
+resolution each network sees per iteration ("fixed": native / `student.resolution`; "pyramid":
+an independent random draw from the pyramid for the student and for each teacher).
+
+`StudentState` bundles everything trainable that belongs to one student (model, adapter heads,
+optimizer, schedule), so a run with several students (one teacher forward, many students) is a
+dict of these.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models.encoder import Encoder
+from ..models.loading import CONFIG_NAME, load_weights
+from ..models.zoo import ZOO
+from .checkpoint import load_state, save_state
+from .config import DistillConfig, StudentConfig
+from .heads import TeacherHeads
+from .optim import CosineSchedule, build_optimizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def student_overrides(cfg: StudentConfig) -> dict[str, Any]:
+    """timm overrides for the student: the init folder's, then the config's, then the RoPE rescale."""
+    overrides: dict[str, Any] = {}
+    if cfg.init:
+        saved = json.loads((Path(cfg.init) / CONFIG_NAME).read_text())
+        if saved.get("arch") != cfg.name:
+            raise ConfigError(
+                f"student.init={cfg.init!r} holds a {saved.get('arch')!r}, but student.name={cfg.name!r}; "
+                "make them match"
+            )
+        overrides.update(saved.get("overrides") or {})
+    overrides.update(cfg.overrides)
+    if ZOO[cfg.name].family == "vit" and cfg.rope_rescale_coords is not None:
+        overrides["rope_rescale_coords"] = cfg.rope_rescale_coords
+    return overrides
+
+
+def build_student(cfg: StudentConfig, device: torch.device | str | None = None) -> Encoder:
+    """The student encoder, with `student.init` weights loaded strictly when set."""
+    with torch.device(device or "cpu"):
+        model = Encoder(arch=cfg.name, overrides=student_overrides(cfg) or None)
+    if cfg.init:
+        load_weights(model, cfg.init)
+    return model
+
+
+def student_dim(model: Encoder) -> int:
+    """Width of the student's output tokens (follows timm overrides such as embed_dim)."""
+    return int(getattr(model.backbone, "num_features", model.embed_dim))
+
+
+def prepare_student(views: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[0,1] views -> resized to `resolution` and ImageNet-normalized, the student's input."""
+    if views.shape[-2:] != (resolution, resolution):
+        views = F.interpolate(
+            views, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
+        ).clamp_(0, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=views.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=views.device).view(1, 3, 1, 1)
+    return (views - mean) / std
+
+
+class ScaleSampler:
+    """Seeded draws from the resolution pyramid; its state is checkpointed (JSON)."""
+
+    def __init__(self, scales: list[int], seed: int):
+        self.scales = list(scales)
+        self.rng = random.Random(seed)
+
+    def draw(self) -> int:
+        return self.scales[self.rng.randrange(len(self.scales))]
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
+def draw_resolutions(
+    cfg: DistillConfig, sampler: ScaleSampler, teachers: list[str], students: list[str]
+) -> tuple[dict[str, int | None], dict[str, int]]:
+    """This iteration's input sides: None = the teacher's native resolution."""
+    if cfg.stage != "pyramid":
+        return {t: None for t in teachers}, {s: cfg.student.resolution for s in students}
+    return {t: sampler.draw() for t in teachers}, {s: sampler.draw() for s in students}
+
+
+@dataclass
+class StudentState:
+    """One student and everything that trains with it."""
+
+    name: str
+    model: Encoder
+    heads: TeacherHeads
+    optimizer: torch.optim.AdamW
+    schedule: CosineSchedule
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        cfg: DistillConfig,
+        student_cfg: StudentConfig,
+        teacher_dims: dict[str, tuple[int, int]],
+        device: torch.device,
+    ) -> StudentState:
+        model = build_student(student_cfg, device).train()
+        heads = TeacherHeads(student_dim(model), teacher_dims, cfg.heads.hidden_dim).to(device).train()
+        t = cfg.train
+        optimizer = build_optimizer([("model", model), ("heads", heads)], t.lr, t.weight_decay, t.betas)
+        schedule = CosineSchedule(optimizer, t.lr, t.max_steps, t.warmup_steps, t.min_lr)
+        return cls(name, model, heads, optimizer, schedule)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.model.parameters(), *self.heads.parameters()]
+
+    def save(self, directory: Path) -> None:
+        """model/heads/optimizer/schedule as safetensors + JSON under `directory`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        save_state(directory, "model", self.model.state_dict())
+        save_state(directory, "heads", self.heads.state_dict())
+        save_state(directory, "optimizer", self.optimizer.state_dict())
+        save_state(directory, "schedule", self.schedule.state_dict())
+
+    def load(self, directory: Path) -> None:
+        self.model.load_state_dict(load_state(directory, "model"), strict=True)
+        self.heads.load_state_dict(load_state(directory, "heads"), strict=True)
+        self.optimizer.load_state_dict(load_state(directory, "optimizer"))
+        self.schedule.load_state_dict(load_state(directory, "schedule"))
