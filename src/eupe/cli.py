@@ -73,7 +73,35 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_models]
+# --- eupe distill ------------------------------------------------------------------------------
+def _cmd_distill(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "distill",
+        "distill teachers into a student (paper Stages 1-3); writes config, metrics, checkpoints, final/",
+        """
+        eupe distill configs/tiny/stage1.yaml output_dir=S1
+        eupe distill configs/tiny/stage2.yaml teachers.proxy.checkpoint=S1/final output_dir=S2
+        eupe distill configs/tiny/stage3.yaml teachers.proxy.checkpoint=S1/final student.init=S2/final
+        eupe distill configs/paper/stage2_vitb16.yaml train.lr=1e-5 train.accum_steps=8
+        eupe distill --resume S2          # continue a killed run from its newest checkpoint
+    """,
+    )
+    p.add_argument("config", nargs="?", help="YAML config (see configs/paper and configs/tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR")
+    p.set_defaults(run=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from .distill import distill_from_cli
+
+    final = distill_from_cli(args.config, args.overrides, args.resume)
+    print(f"final student: {final}")
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_models, _cmd_distill]
 
 
 def build_parser() -> argparse.ArgumentParser:
