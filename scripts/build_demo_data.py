@@ -192,7 +192,9 @@ def _read_opencv_matrix(path: Path) -> np.ndarray:
 def build_graf(out: Path, entries: list[dict]) -> dict:
     """graf1 -> graf3 (Oxford affine benchmark) at GRAF_SCALE; H' = S H S^-1 maps scaled pixels."""
     h13 = _read_opencv_matrix(OPENCV / "H1to3p.xml")
-    s = np.diag([GRAF_SCALE, GRAF_SCALE, 1.0])
+    # Pixel centers at integer coordinates (OpenCV): x_small = s * (x + 0.5) - 0.5.
+    off = 0.5 * GRAF_SCALE - 0.5
+    s = np.array([[GRAF_SCALE, 0.0, off], [0.0, GRAF_SCALE, off], [0.0, 0.0, 1.0]])
     h_scaled = s @ h13 @ np.linalg.inv(s)
     h_scaled /= h_scaled[2, 2]
     sizes = {}
@@ -209,7 +211,7 @@ def build_graf(out: Path, entries: list[dict]) -> dict:
                         "package": "opencv-doc", "original": str(OPENCV / f"{name}.png"),
                         "license": LICENSES["opencv-doc"][0]})  # fmt: skip
     graf = {"scale": GRAF_SCALE, "size": sizes, "H1to3": h_scaled.tolist(), "H1to3_original": h13.tolist(),
-            "convention": "x3 ~ H1to3 @ [x1, y1, 1] in pixel coordinates of the stored images"}  # fmt: skip
+            "convention": "x3 ~ H1to3 @ [x1, y1, 1], pixel coordinates of the stored images, pixel centers at integers"}  # fmt: skip
     (out / "graf" / "homography.json").write_text(json.dumps(graf, indent=1) + "\n")
     entries.append({"file": "graf/homography.json", "kind": "graf_h", "label": None, "group": "graf",
                     "package": "opencv-doc", "original": str(OPENCV / "H1to3p.xml"),

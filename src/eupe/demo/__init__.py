@@ -1,0 +1,1 @@
+"""`eupe demo`: the EUPE recipe in miniature on committed photos and two real pretrained experts."""
