@@ -101,7 +101,67 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_models, _cmd_distill]
+# --- eupe plan ---------------------------------------------------------------------------------
+def _cmd_plan(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "plan",
+        "estimate a distill config's FLOPs, memory per GPU and wall-clock days (shows its formulas)",
+        """
+        eupe plan configs/paper/stage2_vitb16.yaml --gpus 64 --gpu h100 --json plan.json
+        eupe plan configs/paper/stage1_proxy.yaml --gpus 64 --fsdp --activation-checkpointing
+        eupe plan configs/paper/stage3_vitb16.yaml --gpus 32 --gpu a100 --mfu 0.35 --micro-batch 32
+        eupe plan configs/tiny/stage2.yaml --gpus 1 --arch proxy=eupe_vitt16 student.overrides.depth=1
+    """,
+    )
+    p.add_argument("config", help="distill YAML config (configs/paper/...)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=1000"
+    )
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"], help="GPU type (default h100)")
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="assumed fraction of peak bf16 FLOP/s (default 0.4)"
+    )
+    p.add_argument(
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shard student, heads, optimizer and teachers over the GPUs (default: only for students > 1B params)",
+    )
+    p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every student block")
+    p.add_argument("--micro-batch", type=int, help="images per GPU per forward (default global_batch / gpus)")
+    p.add_argument("--dataset-size", type=int, help="images in the dataset, e.g. 1689000000 for LVD-1689M")
+    p.add_argument(
+        "--arch",
+        action="append",
+        metavar="TEACHER=ZOO_NAME",
+        help="zoo architecture of an eupe teacher whose final/ folder does not exist yet (default eupe_proxy_g16)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the full estimate as JSON")
+    p.set_defaults(run=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .distill.plan import plan_from_cli
+
+    plan_from_cli(
+        args.config,
+        args.overrides,
+        args.gpus,
+        args.gpu,
+        args.mfu,
+        args.fsdp,
+        args.activation_checkpointing,
+        args.micro_batch,
+        args.dataset_size,
+        args.arch,
+        args.json,
+    )
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_models, _cmd_distill, _cmd_plan]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,134 @@
+"""The printed table of `eupe plan` and the CLI entry point (load, estimate, print, write JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigError
+from .estimate import GB, plan
+from .spec import load_plan_spec
+
+
+def _f(x: float) -> str:
+    """FLOPs in engineering units."""
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if abs(x) >= scale:
+            return f"{x / scale:,.2f} {unit}"
+    return f"{x:,.0f} FLOP"
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """The human-readable table, with the formula behind every number."""
+    hw, par, sp, fl = p["hardware"], p["parallelism"], p["spec"], p["flops"]
+    st = p["models"]["student"]
+    lines = [
+        f"eupe plan {p['config']}: {hw['gpus']} x {hw['gpu']} ({hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 "
+        f"dense peak, {hw['memory_bytes'] / GB:.0f} GB), MFU {hw['mfu']}",
+        f"  global batch {sp['global_batch']}, {sp['max_steps']:,} steps, micro-batch {par['micro_batch']}/GPU x "
+        f"accum {par['accum_steps']}; {par['chosen']} (chosen)",
+        "",
+        "networks (measured on the meta device, FLOPs = 2 per multiply-add, counted by "
+        f"{st['flops_method']}):",
+    ]
+    for key, c in p["models"].items():
+        role = "student" if key == "student" else "teacher"
+        net = sp["student"] if key == "student" else sp["teachers"][key]
+        res = "/".join(str(r) for r in net["resolutions"])
+        toks = "/".join(str((r // c["stride"]) ** 2 + c["prefix_tokens"]) for r in net["resolutions"])
+        flops = "/".join(_f(c["fwd_flops"][r]) for r in net["resolutions"])
+        lines.append(
+            f"  {role:<8}{key:<16}{net['model']:<36}{c['params'] / 1e6:>9,.1f}M  @{res:<12} tokens "
+            f"{toks:<14} fwd {flops}/img"
+        )
+        if net.get("note"):
+            lines.append(f"          note: {net['note']}")
+    lines += ["", "FLOPs per image (E_r = mean over the resolutions a network draws, uniform):"]
+    for k, v in fl["per_image"].items():
+        lines.append(f"  {k:<44}{_f(v):>16}")
+    if fl["per_image_recompute"]:
+        lines.append(
+            f"  {'checkpoint recompute (1x student forward)':<44}{_f(fl['per_image_recompute']):>16}"
+        )
+    lines += [
+        f"  {'total per image':<44}{_f(fl['per_image_model'] + fl['per_image_recompute']):>16}",
+        f"  per step = {sp['global_batch']} x per image = {_f(fl['per_step'])};  "
+        f"total = x {sp['max_steps']:,} steps = {_f(fl['total'])} ({fl['total']:.3e})",
+        f"  formula: {fl['formula']}",
+        "",
+        f"memory per GPU (GB; micro-batch {par['micro_batch']}, n = {hw['gpus']} with FSDP):",
+    ]
+    variants = p["memory"]["variants"]
+    lines.append(f"  {'':<18}" + "".join(f"{v + (' *' if v == par['chosen'] else ''):>14}" for v in variants))
+    rows = [
+        "weights",
+        "grads",
+        "optimizer",
+        "fsdp_gather",
+        "activations",
+        "teacher_weights",
+        "teacher_forward",
+        "total",
+    ]
+    for row in rows:
+        lines.append(f"  {row:<18}" + "".join(f"{m[row] / GB:>14,.1f}" for m in variants.values()))
+    cap = hw["memory_bytes"] / GB
+    lines.append(
+        f"  {'fits ' + format(cap, '.0f') + ' GB?':<18}"
+        + "".join(f"{'yes' if m['total'] <= hw['memory_bytes'] else 'NO':>14}" for m in variants.values())
+    )
+    lines.append(
+        f"  {'max micro-batch':<18}" + "".join(f"{m['max_micro_batch']:>14,}" for m in variants.values())
+    )
+    chosen = variants[par["chosen"]]
+    if chosen["total"] > hw["memory_bytes"]:
+        fits = [v for v, m in variants.items() if m["total"] <= hw["memory_bytes"]]
+        lines.append(
+            f"  ! {par['chosen']} needs {chosen['total'] / GB:.0f} GB > {cap:.0f} GB: use --micro-batch "
+            f"{chosen['max_micro_batch']} (more accumulation)" + (f" or {', '.join(fits)}" if fits else "")
+        )
+    lines += [f"  formula: {p['memory']['formula']}", ""]
+    t, im = p["time"], p["images"]
+    lines.append(
+        f"wall-clock: {_f(fl['total'])} / ({hw['gpus']} x {hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s x {hw['mfu']}) = "
+        f"{t['days']:.2f} days ({t['gpu_hours']:,.0f} GPU-hours)"
+    )
+    seen = (
+        f"images seen: {sp['global_batch']} x {sp['max_steps']:,} = {im['seen']:,} ({im['seen'] / 1e9:.2f}B)"
+    )
+    if im["epochs"]:
+        seen += f" = {im['epochs']:.2f} passes over {im['dataset_size']:,} images"
+    lines.append(seen)
+    return "\n".join(lines)
+
+
+def plan_from_cli(
+    config: str,
+    overrides: list[str],
+    gpus: int,
+    gpu: str,
+    mfu: float,
+    fsdp: bool | None,
+    checkpointing: bool,
+    micro_batch: int | None = None,
+    dataset_size: int | None = None,
+    arch: list[str] | None = None,
+    json_path: str | None = None,
+) -> dict[str, Any]:
+    """`eupe plan`: load the config, estimate, print the table, write JSON when asked."""
+    import json
+
+    pairs = {}
+    for item in arch or []:
+        name, _, zoo = item.partition("=")
+        if not name or not zoo:
+            raise ConfigError(f"--arch {item!r} is not TEACHER=ZOO_NAME (e.g. --arch proxy=eupe_vith16plus)")
+        pairs[name] = zoo
+    spec = load_plan_spec(config, overrides, pairs)
+    result = plan(spec, gpus, gpu, mfu, fsdp, checkpointing, micro_batch, dataset_size)
+    print(format_plan(result))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {json_path}")
+    return result

@@ -1,0 +1,180 @@
+"""`eupe plan`: measured FLOPs equal hand-counted ones on tiny models, and the memory/time formulas
+behave (FSDP shards by N, checkpointing cuts activations, days = FLOPs / (N * peak * MFU))."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import eupe.distill.plan.measure as plan_measure
+from eupe.cli import main
+from eupe.distill.heads import TeacherHeads
+from eupe.distill.plan import (
+    GPUS,
+    NetSpec,
+    PlanSpec,
+    heads_forward_flops,
+    heads_params,
+    measure_costs,
+    memory,
+    plan,
+)
+
+# A 1-block timm ViT teacher (D=32, MLP 128, patch 16, 1 cls token) and a 1-block ViT-T student
+# (D=192, MLP 768, patch 16, cls + 4 registers), both at 32 px: 2x2 patches.
+TEACHER = NetSpec("timm", "vit_small_patch16_224", [32], {"depth": 1, "embed_dim": 32, "num_heads": 2})
+STUDENT = NetSpec("eupe", "eupe_vitt16", [32], {"depth": 1})
+
+
+def vit_forward_flops(d: int, mlp: int, tokens: int, patches: int, patch: int = 16) -> int:
+    """Hand count, 2 FLOPs per multiply-add: patch conv + qkv + QK^T and AV + proj + MLP."""
+    conv = 2 * patches * 3 * patch * patch * d
+    return conv + 2 * tokens * d * 3 * d + 4 * tokens * tokens * d + 2 * tokens * d * d + 4 * tokens * d * mlp
+
+
+def tiny_spec(**kw) -> PlanSpec:
+    args = dict(
+        name="tiny", student=STUDENT, teachers={"t": TEACHER}, hidden_dim=64, global_batch=8, max_steps=10
+    )
+    return PlanSpec(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_costs():
+    return measure_costs(tiny_spec())
+
+
+def test_measured_flops_equal_hand_count(tiny_costs):
+    t, s = tiny_costs["t"], tiny_costs["student"]
+    assert t.tokens(32) == 5 and s.tokens(32) == 9  # (32/16)^2 + prefix
+    assert t.fwd_flops[32] == vit_forward_flops(32, 128, tokens=5, patches=4) == 322_688
+    assert s.fwd_flops[32] == vit_forward_flops(192, 768, tokens=9, patches=4) == 9_204_480
+    assert t.flops_method == "FlopCounterMode(meta)"
+
+
+def test_heads_formula_matches_module():
+    dims = {"a": (48, 32), "b": (16, 24)}
+    with torch.device("meta"):
+        heads = TeacherHeads(40, dims, 64)
+    assert heads_params(40, 64, list(dims.values())) == sum(p.numel() for p in heads.parameters())
+    cls, patches = torch.empty(1, 40, device="meta"), torch.empty(1, 7, 40, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        for name in dims:
+            heads.cls[name](cls), heads.patch[name](patches)
+    assert counter.get_total_flops() == heads_forward_flops(40, 64, list(dims.values()), 7)
+
+
+def test_step_flops_time_and_images_follow_the_formulas(tiny_costs):
+    p = plan(tiny_spec(), gpus=2, gpu="a100", mfu=0.5, costs=tiny_costs, dataset_size=40)
+    f = p["flops"]
+    s, t = tiny_costs["student"], tiny_costs["t"]
+    heads = heads_forward_flops(192, 64, [(t.cls_dim, 32)], 4)
+    per_image = t.fwd_flops[32] + 3 * s.fwd_flops[32] + 3 * heads
+    assert f["per_image_model"] == pytest.approx(per_image)
+    assert f["per_step"] == pytest.approx(8 * per_image)
+    assert f["total"] == pytest.approx(80 * per_image)
+    assert p["time"]["days"] == pytest.approx(80 * per_image / (2 * 312e12 * 0.5) / 86400)
+    assert p["images"]["seen"] == 80 and p["images"]["epochs"] == 2.0
+    ckpt = plan(tiny_spec(), gpus=2, checkpointing=True, costs=tiny_costs)["flops"]
+    assert ckpt["per_step"] == pytest.approx(f["per_step"] + 8 * s.fwd_flops[32])  # one recompute
+
+
+def test_pyramid_cost_is_the_mean_over_draws():
+    spec = tiny_spec(
+        student=NetSpec("eupe", "eupe_vitt16", [32, 64], {"depth": 1}),
+        teachers={"t": NetSpec(TEACHER.backend, TEACHER.model, [32, 64], TEACHER.kwargs)},
+    )
+    costs = measure_costs(spec)
+    t = costs["t"]
+    assert t.fwd_flops[64] == vit_forward_flops(32, 128, tokens=17, patches=16)
+    p = plan(spec, gpus=1, costs=costs)
+    assert p["flops"]["per_image"]["teacher t forward"] == pytest.approx(
+        (t.fwd_flops[32] + t.fwd_flops[64]) / 2
+    )
+    # peak memory comes from the largest draw
+    assert memory(spec, costs, 1, 1, False, False)["activations"] > 0
+
+
+@pytest.fixture(scope="module")
+def deep_spec_costs():
+    spec = tiny_spec(student=NetSpec("eupe", "eupe_vitt16", [64], {"depth": 4}))
+    return spec, measure_costs(spec)
+
+
+def test_fsdp_shards_state_by_n(deep_spec_costs):
+    spec, costs = deep_spec_costs
+    ddp, fsdp = memory(spec, costs, 8, 1, False, False), memory(spec, costs, 8, 1, True, False)
+    p = costs["student"].params + heads_params(192, 64, [(costs["t"].cls_dim, 32)])
+    assert ddp["weights"] == 4 * p and ddp["grads"] == 4 * p and ddp["optimizer"] == 8 * p
+    for key in ("weights", "grads", "optimizer", "teacher_weights"):
+        assert fsdp[key] == pytest.approx(ddp[key] / 8)
+    assert ddp["teacher_weights"] == 2 * costs["t"].params  # bf16, replicated
+    assert fsdp["activations"] == ddp["activations"]  # data parallel: activations do not shard
+
+
+def test_checkpointing_cuts_activations_and_batch_scales_them(deep_spec_costs):
+    spec, costs = deep_spec_costs
+    s = costs["student"]
+    assert s.num_blocks == 4
+    assert 0 < s.act_ckpt_bytes[64] < 0.6 * s.act_bytes[64]
+    one, four = memory(spec, costs, 1, 1, False, False), memory(spec, costs, 1, 4, False, False)
+    assert four["activations"] == pytest.approx(4 * one["activations"])
+
+
+def test_sizing_attention_saves_what_flash_attention_saves():
+    """No T x T score matrix: q, k, v, out and the fp32 log-sum-exp, as flash attention on a GPU."""
+    q, k, v = (torch.empty(2, 3, 50, 8, device="meta", requires_grad=True) for _ in range(3))
+    shapes = []
+    with (
+        plan_measure._flash_like_sdpa(),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t),
+    ):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert sorted(shapes) == sorted([(2, 3, 50, 8)] * 4 + [(2, 3, 50)])
+
+
+def test_flop_counter_failure_falls_back_to_formula(monkeypatch):
+    class Broken(FlopCounterMode):
+        def __enter__(self):
+            raise RuntimeError("no meta kernel")
+
+    monkeypatch.setattr(plan_measure, "FlopCounterMode", Broken)
+    cost = plan_measure.size_model("t", "timm", TEACHER.model, [32], TEACHER.kwargs)
+    assert cost.flops_method.startswith("analytic")
+    assert cost.fwd_flops[32] == 2 * cost.params * 5 + 4 * 1 * 25 * 32
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "stage: fixed\n"
+        "teachers:\n"
+        "  t: {backend: timm, model: vit_small_patch16_224, pretrained: false, resolution: 32,\n"
+        "      kwargs: {depth: 1, embed_dim: 32, num_heads: 2}}\n"
+        "  proxy: {backend: eupe, checkpoint: runs/nowhere/final, resolution: 32}\n"
+        "student: {name: eupe_vitt16, resolution: 32, overrides: {depth: 1}}\n"
+        "heads: {hidden_dim: 64}\n"
+        "train: {global_batch: 8, max_steps: 10}\n"
+    )
+    out = tmp_path / "plan.json"
+    rc = main(
+        ["plan", str(cfg), "--gpus", "2", "--gpu", "h200", "--arch", "proxy=eupe_vitt16", "--json", str(out)]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["hardware"]["peak_bf16_flops"] == GPUS["h200"].peak_bf16
+    assert result["parallelism"]["micro_batch"] == 4 and result["images"]["seen"] == 80
+    assert result["spec"]["teachers"]["proxy"]["model"] == "eupe_vitt16"
+    assert set(result["memory"]["variants"]) == {"ddp", "ddp+ckpt", "fsdp", "fsdp+ckpt"}
+    printed = capsys.readouterr().out
+    assert "days" in printed and "formula" in printed
+
+
+def test_cli_bad_arch_is_one_line_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("student: {name: eupe_vitt16, resolution: 32}\nteachers: {t: {backend: timm, model: x}}\n")
+    assert main(["plan", str(cfg), "--gpus", "1", "--arch", "proxy"]) == 2
+    assert "TEACHER=ZOO_NAME" in capsys.readouterr().err
