@@ -1,5 +1,19 @@
 """Frozen experts behind one interface (timm, ONNX, a trained eupe checkpoint)."""
 
 from .base import TEACHER_BACKENDS, Teacher, build_teacher, register_teacher
+from .presets import PRESETS, apply_preset, build_teacher_from_spec, known_teachers
+from .spec import TeacherSpec
+from .timm_teacher import TimmTeacher
 
-__all__ = ["TEACHER_BACKENDS", "Teacher", "build_teacher", "register_teacher"]
+__all__ = [
+    "PRESETS",
+    "TEACHER_BACKENDS",
+    "Teacher",
+    "TeacherSpec",
+    "TimmTeacher",
+    "apply_preset",
+    "build_teacher",
+    "build_teacher_from_spec",
+    "known_teachers",
+    "register_teacher",
+]
