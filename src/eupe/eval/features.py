@@ -1,0 +1,158 @@
+"""Training a linear probe on a frozen backbone, with an optional frozen-feature cache.
+
+A probe's 40k iterations would otherwise run the backbone 640k times. Since the backbone is frozen,
+its patch features depend only on the (augmented) input, so `cache_views=V` computes features for
+V fixed augmented views of every training image once (V = 1: one pass, "once per epoch") and
+trains the head on batches drawn from that cache. The cost: fewer distinct augmentations.
+`cache_views=0` recomputes the backbone on fresh augmentations every step (the paper's protocol).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .common import lr_at
+from .models import EvalModel
+
+# one augmented training view: (image [3,S,S] float in [0,1], target [S,S])
+ViewFn = Callable[[int, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ProbeSchedule:
+    iterations: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_iters: int
+    cache_views: int = 0
+    seed: int = 0
+
+
+def patch_features(model: EvalModel, images01: torch.Tensor) -> torch.Tensor:
+    """Frozen patch tokens (after the final norm) as a [B, D, h, w] map."""
+    return model.encode(model.normalize(images01.to(model.device))).patch_map().float()
+
+
+class FeatureCache:
+    """Patch features (float16) and targets of `views` fixed augmented views per training image."""
+
+    def __init__(
+        self, model: EvalModel, view_fn: ViewFn, num_images: int, views: int, batch_size: int, seed: int
+    ):
+        rng = np.random.default_rng(seed)
+        self.feats: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        order = [i for _ in range(views) for i in range(num_images)]
+        start = time.perf_counter()
+        for b in tqdm(
+            range(0, len(order), batch_size), desc="caching probe features", unit="batch", leave=False
+        ):
+            imgs, tgts = zip(*(view_fn(i, rng) for i in order[b : b + batch_size]))
+            feats = patch_features(model, torch.stack(imgs))
+            self.feats.append(feats.half().cpu())
+            self.targets.append(torch.stack(tgts))
+        self.feats_all = torch.cat(self.feats)
+        self.targets_all = torch.cat(self.targets)
+        self.feats, self.targets = [], []
+        self.seconds = time.perf_counter() - start
+
+    def __len__(self) -> int:
+        return len(self.feats_all)
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.feats_all[idx].to(device).float(), self.targets_all[idx].to(device)
+
+
+def train_probe(
+    model: EvalModel,
+    head: nn.Module,
+    view_fn: ViewFn,
+    num_images: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sched: ProbeSchedule,
+    desc: str,
+) -> dict[str, float]:
+    """Train `head` (feature map -> predictions) with AdamW; returns timing and the last loss."""
+    head.to(model.device).train()
+    opt = torch.optim.AdamW(head.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
+    rng = np.random.default_rng(sched.seed)
+    gen = torch.Generator().manual_seed(sched.seed)
+    cache = None
+    if sched.cache_views > 0:
+        cache = FeatureCache(model, view_fn, num_images, sched.cache_views, sched.batch_size, sched.seed)
+    start = time.perf_counter()
+    loss_value = float("nan")
+    bar = tqdm(range(sched.iterations), desc=desc, unit="it", leave=False)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, sched.iterations, sched.warmup_iters, sched.lr)
+        if cache is not None:
+            idx = torch.randint(len(cache), (sched.batch_size,), generator=gen)
+            feats, targets = cache.batch(idx, model.device)
+        else:
+            idx = rng.integers(0, num_images, sched.batch_size)
+            imgs, tgts = zip(*(view_fn(int(i), rng) for i in idx))
+            feats = patch_features(model, torch.stack(imgs))
+            targets = torch.stack(tgts).to(model.device)
+        loss = loss_fn(head(feats), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.detach())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+    head.eval()
+    return {
+        "train_seconds": time.perf_counter() - start + (cache.seconds if cache else 0.0),
+        "cache_seconds": cache.seconds if cache else 0.0,
+        "final_loss": loss_value,
+    }
+
+
+def random_crop_flip(
+    image: torch.Tensor, target: torch.Tensor, size: tuple[int, int], fill: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random `size` crop (padding with 0 / `fill` where the input is smaller) and a random h-flip."""
+    h, w = image.shape[-2:]
+    ch, cw = size
+    ph, pw = max(0, ch - h), max(0, cw - w)
+    if ph or pw:
+        image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0.0)
+        target = torch.nn.functional.pad(target, (0, pw, 0, ph), value=fill)
+        h, w = image.shape[-2:]
+    y = int(rng.integers(0, h - ch + 1))
+    x = int(rng.integers(0, w - cw + 1))
+    image, target = image[..., y : y + ch, x : x + cw], target[..., y : y + ch, x : x + cw]
+    if rng.random() < 0.5:
+        image, target = image.flip(-1), target.flip(-1)
+    return image.contiguous(), target.contiguous()
+
+
+def to_tensor01(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> [3,H,W] float in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    out = torch.nn.functional.interpolate(
+        image[None], size=size, mode="bilinear", align_corners=False, antialias=True
+    )
+    return out[0].clamp_(0, 1)
+
+
+def resize_nearest(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    return torch.nn.functional.interpolate(target[None, None].float(), size=size, mode="nearest")[0, 0].to(
+        target.dtype
+    )

@@ -1,0 +1,263 @@
+"""`eupe eval suite`: several evaluations over several models, one Markdown table, one radar plot.
+
+The table follows the paper's Table 1 (models as rows, benchmarks as columns, the best value per
+column in bold; lower is better for RMSE). The radar plot follows Figure 1 (left): one axis per
+benchmark, each axis scaled from the worst model (inner ring) to the best (outer ring).
+Every run keeps its own `results.json` under `<output_dir>/<model>/<task>/`, so an interrupted
+suite resumes where it stopped (`skip_existing`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import ConfigError, EupeError
+from .common import RESULTS_FILE, EvalResult, read_result
+from .depth import depth
+from .knn import knn
+from .pca import pca
+from .seg import seg
+from .spair import spair
+from .zeroshot import zeroshot
+
+TASKS: dict[str, Callable[..., EvalResult]] = {
+    "knn": knn,
+    "zeroshot": zeroshot,
+    "seg": seg,
+    "depth": depth,
+    "spair": spair,
+    "pca": pca,
+}
+LABELS = {"knn": "IN1k-KNN", "zeroshot": "IN1k-ZS", "seg": "ADE20k", "depth": "NYUv2", "spair": "SPair"}
+LOWER_IS_BETTER = {"rmse"}
+
+
+@dataclass
+class SuiteModel:
+    name: str = ""  # row label; default: the model spec
+    model: str = ""
+    weights: str | None = None
+
+
+@dataclass
+class SuiteEval:
+    task: str = ""
+    data: str = ""
+    label: str = ""  # column label; default: the benchmark's name (IN1k-KNN, ADE20k, ...)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SuiteConfig:
+    output_dir: str = "eval_suite"
+    models: list[SuiteModel] = field(default_factory=list)
+    evals: list[SuiteEval] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # applied to every eval (e.g. device)
+    skip_existing: bool = True
+    title: str = "Evaluation suite"
+
+
+def load_suite_config(path: str | Path, overrides: list[str] | None = None) -> SuiteConfig:
+    try:
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(SuiteConfig),
+            OmegaConf.load(str(path)),
+            OmegaConf.from_dotlist(overrides or []),
+        )
+        suite: SuiteConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except (OmegaConfBaseException, OSError) as e:
+        raise ConfigError(f"{path}: bad suite config ({str(e).splitlines()[0]})") from None
+    if not suite.models or not suite.evals:
+        raise ConfigError(f"{path}: a suite needs at least one entry under 'models' and one under 'evals'")
+    for e in suite.evals:
+        if e.task not in TASKS:
+            raise ConfigError(f"{path}: unknown task '{e.task}'; choose from {', '.join(TASKS)}")
+    for m in suite.models:
+        if not m.model:
+            raise ConfigError(f"{path}: every model entry needs 'model' (a zoo name, folder or timm name)")
+        m.name = m.name or Path(m.model).name
+    return suite
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def run_suite(suite: SuiteConfig) -> dict[str, Any]:
+    """Run every (model, eval) pair (PCA once over all models); write table.md, radar.png, suite.json."""
+    out = Path(suite.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, EvalResult]] = {m.name: {} for m in suite.models}
+    columns: list[tuple[str, str]] = []  # (key, label)
+    for ev in suite.evals:
+        key = ev.label or LABELS.get(ev.task, ev.task)
+        settings = {**suite.settings, **ev.settings}
+        if ev.task == "pca":
+            pca_dir = out / "pca"
+            if not (suite.skip_existing and (pca_dir / RESULTS_FILE).is_file()):
+                pca(
+                    [m.model for m in suite.models],
+                    ev.data,
+                    [m.weights for m in suite.models],
+                    pca_dir,
+                    **settings,
+                )
+            continue
+        columns.append((key, key))
+        for m in suite.models:
+            run_dir = out / _safe(m.name) / _safe(key)
+            if suite.skip_existing and (run_dir / RESULTS_FILE).is_file():
+                results[m.name][key] = read_result(run_dir)
+                continue
+            try:
+                res = TASKS[ev.task](m.model, ev.data, m.weights, run_dir, **settings)
+            except EupeError as e:  # one broken run should not sink the whole table
+                res = EvalResult(ev.task, "", None, m.name, ev.data, settings, status=f"error: {e}")
+                res.write(run_dir)
+            results[m.name][key] = res
+    table = markdown_table(results, [c for c, _ in columns], suite.title)
+    (out / "table.md").write_text(table)
+    radar_plot(results, [c for c, _ in columns], out / "radar.png", suite.title)
+    summary = {
+        name: {k: {"value": r.value, "metric": r.metric, "status": r.status} for k, r in row.items()}
+        for name, row in results.items()
+    }
+    import json
+
+    (out / "suite.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return {"table": str(out / "table.md"), "radar": str(out / "radar.png"), "results": summary}
+
+
+def _lower_better(results: dict[str, dict[str, EvalResult]], col: str) -> bool:
+    return any(row[col].metric in LOWER_IS_BETTER for row in results.values() if col in row)
+
+
+def _fmt(r: EvalResult) -> str:
+    if r.value is None:
+        return "n/a" if r.status.startswith("not supported") else "error"
+    return f"{r.value:.3f}" if r.metric in LOWER_IS_BETTER else f"{100 * r.value:.1f}"
+
+
+def markdown_table(results: dict[str, dict[str, EvalResult]], cols: list[str], title: str = "") -> str:
+    """Models as rows, benchmarks as columns; the best value per column in bold."""
+    header = ["Model"]
+    for c in cols:
+        metric = next((row[c].metric for row in results.values() if c in row and row[c].metric), "")
+        header.append(f"{c} {metric} {'↓' if _lower_better(results, c) else '↑'}".replace("  ", " "))
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best: dict[str, float] = {}
+    for c in cols:
+        vals = [row[c].value for row in results.values() if c in row and row[c].value is not None]
+        if vals:
+            best[c] = min(vals) if _lower_better(results, c) else max(vals)
+    notes = set()
+    for name, row in results.items():
+        cells = [name]
+        if any(r.extra.get("model_info", {}).get("random_init") for r in row.values()):
+            cells[0] += " †"
+            notes.add("† random-initialised weights (no checkpoint given)")
+        for c in cols:
+            r = row.get(c)
+            if r is None:
+                cells.append("")
+                continue
+            text = _fmt(r)
+            if r.value is not None and c in best and math.isclose(r.value, best[c], rel_tol=0, abs_tol=1e-12):
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy, mIoU and PCK in %; RMSE in metres. n/a: not supported by the model."]
+    lines += sorted(notes)
+    return "\n".join(lines) + "\n"
+
+
+def radar_plot(
+    results: dict[str, dict[str, EvalResult]], cols: list[str], path: Path, title: str = ""
+) -> None:
+    """One axis per benchmark, scaled from the worst model (0.25) to the best (1.0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not cols:
+        return
+    n = len(cols)
+    angles = [2 * math.pi * i / n for i in range(n)]
+    fig = plt.figure(figsize=(6.4, 6.4), dpi=110)
+    ax = fig.add_subplot(111, polar=True)
+    ax.set_theta_offset(math.pi / 2)
+    ax.set_theta_direction(-1)
+    labels = []
+    for c in cols:
+        vals = [row[c].value for row in results.values() if c in row and row[c].value is not None]
+        best = (min(vals) if _lower_better(results, c) else max(vals)) if vals else None
+        shown = "" if best is None else (f"{best:.3f}" if _lower_better(results, c) else f"{100 * best:.1f}")
+        labels.append(f"{c}\n(best {shown})" if shown else c)
+    colors = plt.get_cmap("tab10")
+    for k, (name, row) in enumerate(results.items()):
+        radii = []
+        for c in cols:
+            vals = [r[c].value for r in results.values() if c in r and r[c].value is not None]
+            v = row[c].value if c in row else None
+            if v is None or not vals:
+                radii.append(0.0)
+                continue
+            lo, hi = min(vals), max(vals)
+            frac = 1.0 if hi == lo else (v - lo) / (hi - lo)
+            if _lower_better(results, c):
+                frac = 1.0 - frac if hi != lo else 1.0
+            radii.append(0.25 + 0.75 * frac)
+        ax.plot(angles + angles[:1], radii + radii[:1], color=colors(k % 10), linewidth=2, label=name)
+        ax.fill(angles + angles[:1], radii + radii[:1], color=colors(k % 10), alpha=0.12)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(labels, fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.set_yticks([0.25, 0.625, 1.0])
+    ax.set_yticklabels(["worst", "", "best"], fontsize=7, color="grey")
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(3, len(results)), fontsize=9, frameon=False
+    )
+    if title:
+        ax.set_title(title, pad=24)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_task(
+    task: str,
+    model: str,
+    data: str,
+    weights: str | None = None,
+    output_dir: str | None = None,
+    overrides: list[str] | None = None,
+) -> tuple[EvalResult, Path]:
+    """What `eupe eval TASK` does: parse `key=value` overrides, run, write results.json."""
+    from .common import parse_overrides
+
+    if task not in TASKS:
+        raise ConfigError(f"unknown evaluation '{task}'; choose from {', '.join(TASKS)}")
+    settings = parse_overrides(overrides)
+    out = Path(output_dir or f"eval_{task}_{_safe(Path(model).name)}")
+    if task == "pca":  # several models side by side: --model a,b --weights wa,wb
+        models = model.split(",")
+        ws = weights.split(",") if weights else [None] * len(models)
+        ws = [w or None for w in ws]
+        return pca(models, data, ws, out, **settings), out
+    return TASKS[task](model, data, weights, out, **settings), out
+
+
+def format_result(r: EvalResult) -> str:
+    if r.value is None:
+        return f"{r.task} {r.model}: {r.status}"
+    value = f"{r.value:.4f} m" if r.metric in LOWER_IS_BETTER else f"{100 * r.value:.2f}%"
+    return f"{r.task} {r.model} on {r.dataset}: {r.metric} = {value}"
