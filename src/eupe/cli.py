@@ -101,6 +101,91 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eupe eval ---------------------------------------------------------------------------------
+_EVAL_HELP = {
+    "knn": (
+        "k-NN top-1 on the cls token (IN1k-KNN); DATA has train/<class>/ and val/<class>/",
+        "k=[10,20] batch_size=128",
+    ),
+    "zeroshot": (
+        "zero-shot top-1 through a teacher's text tower and the student's adapter head (IN1k-ZS)",
+        "teacher=pe_core text_model=PE-Core-B-16 text_weights=pe_core_b16.bin classnames=names.txt",
+    ),
+    "seg": (
+        "linear segmentation probe on ADE20k (ADEChallengeData2016 layout), mIoU",
+        "iterations=2000 batch_size=8",
+    ),
+    "depth": (
+        "linear depth probe on NYUv2 (BTS lists nyu_train.txt/nyu_test.txt), RMSE in metres",
+        "iterations=2000",
+    ),
+    "spair": ("training-free keypoint correspondence on SPair-71k, PCK@0.1", "pairs_per_category=20"),
+    "pca": ("PCA pictures of patch tokens: a grid of images x models (pca.png)", "joint=true max_images=4"),
+}
+
+
+def _cmd_eval(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "eval",
+        "evaluate frozen encoders: knn, zeroshot, seg, depth, spair, pca, or a whole suite",
+        """
+        eupe eval knn --model runs/s3/final --data /data/imagenet --output-dir out/knn
+        eupe eval seg --model eupe_vitb16 --weights eupe_vitb16.pth --data /data/ADEChallengeData2016
+        eupe eval pca --model eupe_vitt16,runs/s3/final --data photos/ --output-dir out/pca
+        eupe eval suite configs/eval/demo.yaml output_dir=out/suite
+    """,
+    )
+    tasks = p.add_subparsers(dest="eval_task", metavar="TASK")
+    for task, (help_text, example) in _EVAL_HELP.items():
+        t = _parser(
+            tasks,
+            task,
+            help_text,
+            f"eupe eval {task} --model eupe_vitt16 --weights W.pth --data ROOT --output-dir out/{task} {example}",
+        )
+        t.add_argument(
+            "--model", required=True, help="final/ folder, zoo name, or timm name (pca: comma-separated)"
+        )
+        t.add_argument("--data", required=True, help="dataset root in the benchmark's real layout")
+        t.add_argument("--weights", help="weights for a zoo/timm name (official .pth works)")
+        t.add_argument("--output-dir", help="where results.json goes (default: ./eval_<task>_<model>)")
+        t.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="settings, e.g. iterations=100 lr=1e-3"
+        )
+        t.set_defaults(run=_run_eval, eval_task=task)
+    s = _parser(
+        tasks,
+        "suite",
+        "run evaluations over models; write table.md and radar.png",
+        "eupe eval suite configs/eval/demo.yaml",
+    )
+    s.add_argument("config", help="suite YAML (see configs/eval/)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output_dir=out")
+    s.set_defaults(run=_run_eval_suite)
+    p.set_defaults(run=lambda args: p.print_help() or 0)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .eval.report import format_result, run_task
+
+    result, out = run_task(
+        args.eval_task, args.model, args.data, args.weights, args.output_dir, args.overrides
+    )
+    print(format_result(result))
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _run_eval_suite(args: argparse.Namespace) -> int:
+    from .eval.report import load_suite_config, run_suite
+
+    summary = run_suite(load_suite_config(args.config, args.overrides))
+    print(open(summary["table"]).read())
+    print(f"table: {summary['table']}\nradar: {summary['radar']}")
+    return 0
+
+
 # --- eupe plan ---------------------------------------------------------------------------------
 def _cmd_plan(sub: argparse._SubParsersAction) -> None:
     p = _parser(
@@ -161,7 +246,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_cmd_models, _cmd_distill, _cmd_plan]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _cmd_models,
+    _cmd_distill,
+    _cmd_eval,
+    _cmd_plan,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
