@@ -18,10 +18,12 @@ from eupe.distill.plan import (
     PlanSpec,
     heads_forward_flops,
     heads_params,
+    load_plan_spec,
     measure_costs,
     memory,
     plan,
 )
+from eupe.errors import ConfigError
 
 # A 1-block timm ViT teacher (D=32, MLP 128, patch 16, 1 cls token) and a 1-block ViT-T student
 # (D=192, MLP 768, patch 16, cls + 4 registers), both at 32 px: 2x2 patches.
@@ -178,3 +180,19 @@ def test_cli_bad_arch_is_one_line_error(tmp_path, capsys):
     cfg.write_text("student: {name: eupe_vitt16, resolution: 32}\nteachers: {t: {backend: timm, model: x}}\n")
     assert main(["plan", str(cfg), "--gpus", "1", "--arch", "proxy"]) == 2
     assert "TEACHER=ZOO_NAME" in capsys.readouterr().err
+
+
+def test_paper_configs_read_as_the_paper_says():
+    s1 = load_plan_spec("configs/paper/stage1_proxy.yaml")
+    assert {k: (t.model, t.resolutions) for k, t in s1.teachers.items()} == {
+        "pe_core_g": ("vit_pe_core_gigantic_patch14_448", [448]),
+        "pe_lang_g": ("vit_pe_lang_gigantic_patch14_448", [448]),
+        "dinov3_hplus": ("vit_huge_plus_patch16_dinov3", [256]),
+    }
+    assert s1.student.model == "eupe_proxy_g16" and s1.hidden_dim == 1536
+    s3 = load_plan_spec("configs/paper/stage3_vitb16.yaml")  # student.init need not exist for a plan
+    assert s3.student.resolutions == s3.teachers["proxy"].resolutions == [256, 384, 512]
+    assert (s3.global_batch, s3.max_steps, s3.hidden_dim) == (4096, 100_000, 3072)
+    assert s3.teachers["proxy"].model == "eupe_proxy_g16" and "does not exist" in s3.teachers["proxy"].note
+    with pytest.raises(ConfigError, match="not teachers of this config"):
+        load_plan_spec("configs/paper/stage2_vitb16.yaml", arch={"prxy": "eupe_vitl16"})

@@ -38,7 +38,7 @@ def format_plan(p: dict[str, Any]) -> str:
         toks = "/".join(str((r // c["stride"]) ** 2 + c["prefix_tokens"]) for r in net["resolutions"])
         flops = "/".join(_f(c["fwd_flops"][r]) for r in net["resolutions"])
         lines.append(
-            f"  {role:<8}{key:<16}{net['model']:<36}{c['params'] / 1e6:>9,.1f}M  @{res:<12} tokens "
+            f"  {role:<8}{'' if key == 'student' else key:<16}{net['model']:<36}{c['params'] / 1e6:>9,.1f}M  @{res:<12} tokens "
             f"{toks:<14} fwd {flops}/img"
         )
         if net.get("note"):

@@ -13,11 +13,6 @@ from typing import Any
 
 from ...errors import ConfigError
 
-_PAPER_TEACHERS = {
-    "pe_core_g": ("vit_pe_core_gigantic_patch14_448", 448),
-    "pe_lang_g": ("vit_pe_lang_gigantic_patch14_448", 448),
-    "dinov3_hplus": ("vit_huge_plus_patch16_dinov3", 256),
-}
 DEFAULT_PROXY = "eupe_proxy_g16"
 
 
@@ -48,6 +43,9 @@ class PlanSpec:
 
 # --- reading a distill config ---------------------------------------------------------------------
 def _teacher_spec(name: str, spec: Any, stage: str, pyramid: list[int], arch: dict[str, str]) -> NetSpec:
+    from ...teachers.presets import apply_preset
+
+    spec = apply_preset(name, spec)  # `teachers.pe_core_g: {}` -> model, native resolution
     backend, model, res, note = spec.backend, spec.model or "", spec.resolution, ""
     if backend == "eupe":
         source = spec.checkpoint or model
@@ -60,14 +58,15 @@ def _teacher_spec(name: str, spec: Any, stage: str, pyramid: list[int], arch: di
 
             model = source if source in ZOO else DEFAULT_PROXY
             if model == DEFAULT_PROXY and source != DEFAULT_PROXY:
-                note = f"{source or '(unset)'} does not exist yet: sized as {DEFAULT_PROXY}"
+                note = (
+                    f"{source or '(unset)'} does not exist yet: sized as {DEFAULT_PROXY} (--arch {name}=...)"
+                )
+    elif backend != "timm":
+        raise ConfigError(f"teachers.{name}.backend={backend!r}: plan can size 'timm' and 'eupe' teachers")
     elif not model:
-        if name not in _PAPER_TEACHERS:
-            raise ConfigError(f"teachers.{name}.model is unset and {name!r} is not a paper teacher preset")
-        model, native = _PAPER_TEACHERS[name]
-        res = res or native
+        raise ConfigError(f"teachers.{name}.model is unset and {name!r} is not a teacher preset")
     if res is None and backend == "timm":
-        res = _PAPER_TEACHERS.get(name, (None, None))[1] or _timm_native(model)
+        res = _timm_native(model)
     if stage == "pyramid":
         resolutions = list(pyramid)
     elif res is None:
@@ -90,6 +89,11 @@ def spec_from_config(cfg: Any, name: str = "config", arch: dict[str, str] | None
     """A `DistillConfig` (eupe.distill.config) -> PlanSpec. `arch` names the zoo architecture of
     eupe-backend teachers whose final/ folder does not exist yet (default: the 1.9B proxy)."""
     arch = dict(arch or {})
+    unknown = sorted(set(arch) - set(cfg.teachers))
+    if unknown:
+        raise ConfigError(
+            f"--arch names {unknown}, which are not teachers of this config ({', '.join(cfg.teachers)})"
+        )
     stage, pyramid = cfg.stage, [int(r) for r in cfg.pyramid]
     s = cfg.student
     student_res = pyramid if stage == "pyramid" else [int(s.resolution)]
