@@ -196,3 +196,9 @@ def test_paper_configs_read_as_the_paper_says():
     assert s3.teachers["proxy"].model == "eupe_proxy_g16" and "does not exist" in s3.teachers["proxy"].note
     with pytest.raises(ConfigError, match="not teachers of this config"):
         load_plan_spec("configs/paper/stage2_vitb16.yaml", arch={"prxy": "eupe_vitl16"})
+
+
+def test_convnext_student_is_sized_per_block():
+    c = plan_measure.size_model("cnx", "eupe", "eupe_convnext_tiny", [64], trainable=True)
+    assert (c.stride, c.prefix_tokens, c.patch_tokens(64), c.num_blocks) == (32, 0, 4, 18)
+    assert c.fwd_flops[64] > 0 and 0 < c.act_ckpt_bytes[64] < c.act_bytes[64]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,11 @@ def plan_from_cli(
             raise ConfigError(f"--arch {item!r} is not TEACHER=ZOO_NAME (e.g. --arch proxy=eupe_vith16plus)")
         pairs[name] = zoo
     spec = load_plan_spec(config, overrides, pairs)
-    result = plan(spec, gpus, gpu, mfu, fsdp, checkpointing, micro_batch, dataset_size)
+
+    def progress(what: str) -> None:  # sizing a 2B model on meta takes seconds; say what is going on
+        print(f"sizing {what} on the meta device", file=sys.stderr, flush=True)
+
+    result = plan(spec, gpus, gpu, mfu, fsdp, checkpointing, micro_batch, dataset_size, progress=progress)
     print(format_plan(result))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,8 @@ def load_plan_spec(
 ) -> PlanSpec:
     """Read a distill YAML through the config schema of `eupe distill` (eupe.distill.config), without
     the checks that need files on disk: a plan is made before `student.init` and the Stage-1 proxy
-    exist. If that module cannot be imported, read the YAML directly with OmegaConf."""
+    exist. The `data` section is read as plain YAML (plan needs only an optional dataset size
+    from it). If the schema module cannot be imported, the whole YAML is read with OmegaConf."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -175,14 +176,17 @@ def load_plan_spec(
         from ..config import DistillConfig, _read_yaml
     except ImportError:
         cfg = _plain_config(path, overrides)
-    else:
-        try:
-            merged = OmegaConf.merge(
-                OmegaConf.structured(DistillConfig),
-                _read_yaml(Path(path)),
-                OmegaConf.from_dotlist(list(overrides)),
-            )
-            cfg = OmegaConf.to_object(merged)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{path}: invalid config: {str(e).splitlines()[0]}") from None
-    return spec_from_config(cfg, name=os.path.basename(str(path)), arch=arch)
+        return spec_from_config(cfg, name=os.path.basename(str(path)), arch=arch)
+    try:
+        raw = OmegaConf.merge(_read_yaml(Path(path)), OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(raw.pop("data", None) or OmegaConf.create({}), resolve=True)
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DistillConfig), raw))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: invalid config: {str(e).splitlines()[0]}") from None
+    spec = spec_from_config(cfg, name=os.path.basename(str(path)), arch=arch)
+    size = next(
+        (data[k] for k in ("size", "num_images", "dataset_size") if isinstance(data, dict) and data.get(k)),
+        None,
+    )
+    spec.dataset_size = int(size) if size else spec.dataset_size
+    return spec
