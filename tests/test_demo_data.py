@@ -64,13 +64,14 @@ def test_text_mask_is_exactly_the_half_covered_pixels():
     settings = TextSettings(min_lines=1, max_lines=1, rotate_prob=0.5, min_height=0.2, max_height=0.3)
     fonts = D.demo_fonts()
     for seed in range(6):
-        out, mask = render_text(bg, np.random.default_rng(seed), fonts, settings)
+        out, mask, region = render_text(bg, np.random.default_rng(seed), fonts, settings)
         diff = np.abs(out.astype(np.float64) - bg).max(axis=2)
         assert mask.any() and diff.max() > 60
         a = diff / diff.max()  # glyph interiors are fully covered (a = 1)
         ambiguous = np.abs(a - 0.5) < 0.03  # uint8 rounding near the threshold
         assert np.array_equal(mask[~ambiguous], (a >= 0.5)[~ambiguous])
         assert not (diff[~mask] > 0.55 * diff.max()).any()
+        assert region[mask].all() and region.sum() > mask.sum()  # the line box holds its glyphs
 
 
 def test_generation_is_deterministic_and_prefix_stable():
@@ -81,8 +82,8 @@ def test_generation_is_deterministic_and_prefix_stable():
     assert np.array_equal(p4, D.training_pool(splits, 4, seed=0, settings=settings, progress=False))
     assert np.array_equal(p4[:2], D.training_pool(splits, 2, seed=0, settings=settings, progress=False))
     assert not np.array_equal(p4, D.training_pool(splits, 4, seed=1, settings=settings, progress=False))
-    t1, m1 = D.text_set(splits, 3, seed=0, size=64)
-    t2, m2 = D.text_set(splits, 3, seed=0, size=64)
+    t1, m1, _ = D.text_set(splits, 3, seed=0, size=64)
+    t2, m2, _ = D.text_set(splits, 3, seed=0, size=64)
     assert np.array_equal(t1, t2) and np.array_equal(m1, m2) and m1.any()
 
 

@@ -112,7 +112,7 @@ def pool_image(
         paste_stamp(canvas, read_image(stamp), rng, settings.stamp_scale)
     img = np.asarray(canvas.convert("RGB"))
     if rng.random() < settings.text_fraction:
-        img, _ = render_text(img, rng, fonts, settings.text)
+        img, _, _ = render_text(img, rng, fonts, settings.text)
     return img
 
 
@@ -151,17 +151,21 @@ def knn_set(
 
 def text_set(
     splits: DemoSplits, n: int, seed: int = 0, size: int = 224, settings: TextSettings = TextSettings()
-) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out photo crops with rendered text: (uint8 [n,size,size,3], bool [n,size,size] masks)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out photo crops with rendered text.
+
+    Returns (uint8 [n,size,size,3], bool glyph masks [n,size,size], bool line-region masks).
+    """
     fonts = demo_fonts()
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.empty((n, size, size), dtype=bool)
+    regions = np.empty((n, size, size), dtype=bool)
     for i in range(n):
         rng = item_rng(seed, "text", i)
         photo = splits.heldout_photos[int(rng.integers(0, len(splits.heldout_photos)))]
         crop = random_crop(read_image(photo), size, rng, min_area=0.2)
-        images[i], masks[i] = render_text(crop, rng, fonts, settings)
-    return images, masks
+        images[i], masks[i], regions[i] = render_text(crop, rng, fonts, settings)
+    return images, masks, regions
 
 
 # --- homographies ---------------------------------------------------------------------------------

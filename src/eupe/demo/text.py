@@ -53,18 +53,29 @@ def _font(path: Path | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.Im
     return ImageFont.load_default(size=size) if path is None else ImageFont.truetype(str(path), size)
 
 
-def _line_coverage(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, angle: float) -> np.ndarray:
-    """Float coverage in [0, 1] of one rendered line, tightly cropped."""
+def _line_coverage(
+    text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, angle: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float glyph coverage in [0, 1], bool line box) of one rendered line, same tight crop.
+
+    The line box is the glyphs' ink bounding rectangle (+1 px), rotated with them: the text *region*.
+    """
     left, top, right, bottom = font.getbbox(text)
     pad = 2
     layer = Image.new("L", (int(right - left) + 2 * pad, int(bottom - top) + 2 * pad), 0)
     ImageDraw.Draw(layer).text((pad - left, pad - top), text, fill=255, font=font)
+    ink = layer.getbbox()
+    box = Image.new("L", layer.size, 0)
+    if ink is not None:
+        # one pixel of margin so bicubic rotation never puts half-covered glyph pixels outside
+        ImageDraw.Draw(box).rectangle((ink[0] - 1, ink[1] - 1, ink[2], ink[3]), fill=255)
     if angle:
         layer = layer.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
-    box = layer.getbbox()
-    if box is not None:
-        layer = layer.crop(box)
-    return np.asarray(layer, dtype=np.float32) / 255.0
+        box = box.rotate(angle, resample=Image.Resampling.NEAREST, expand=True)
+    crop = box.getbbox()
+    if crop is not None:
+        layer, box = layer.crop(crop), box.crop(crop)
+    return np.asarray(layer, dtype=np.float32) / 255.0, np.asarray(box) > 0
 
 
 def _text_color(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -80,15 +91,18 @@ def render_text(
     rng: np.random.Generator,
     fonts: list[Path | None],
     settings: TextSettings = TextSettings(),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw 1..max_lines random text lines; returns (uint8 HxWx3 image, bool HxW exact text mask).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw 1..max_lines random text lines.
 
+    Returns (uint8 HxWx3 image, bool HxW glyph mask, bool HxW line-region mask). The glyph mask is
+    exact (pixels >= 50% text colour); the region mask is each line's rotated ink rectangle.
     `fonts` lists TrueType files; None stands for Pillow's built-in scalable font.
     """
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     img = img.copy()
     h, w = img.shape[:2]
     mask = np.zeros((h, w), dtype=bool)
+    regions = np.zeros((h, w), dtype=bool)
     short = min(h, w)
     n_lines = int(rng.integers(settings.min_lines, settings.max_lines + 1))
     for _ in range(n_lines):
@@ -100,7 +114,7 @@ def render_text(
             if rng.random() < settings.rotate_prob
             else 0.0
         )
-        cov = _line_coverage(text, font, angle)
+        cov, line_box = _line_coverage(text, font, angle)
         ch, cw = cov.shape
         if ch == 0 or cw == 0:
             continue
@@ -116,4 +130,5 @@ def render_text(
         color = _text_color(region[a[..., 0] > 0.5], rng)
         img[ys:ye, xs:xe] = region * (1.0 - a) + color * a
         mask[ys:ye, xs:xe] |= a[..., 0] >= 0.5
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask
+        regions[ys:ye, xs:xe] |= line_box[ys - y0 : ye - y0, xs - x0 : xe - x0]
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask, regions
