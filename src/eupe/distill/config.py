@@ -216,11 +216,6 @@ def validate(cfg: DistillConfig) -> None:
             f"student.resolution={s.resolution} is not a multiple of the patch size {stride} of {s.name} "
             f"(nearest: {max(stride, round(s.resolution / stride) * stride)})"
         )
-    if s.init and not (Path(s.init) / "config.json").is_file():
-        raise ConfigError(
-            f"student.init={s.init!r}: not a final/ folder with config.json + model.safetensors "
-            "(use the final/ folder of the previous stage's output_dir)"
-        )
 
     if not cfg.teachers:
         raise ConfigError("teachers: at least one teacher is needed, e.g. teachers.dinov3_hplus={}")
@@ -244,3 +239,13 @@ def validate(cfg: DistillConfig) -> None:
         _positive(spec.patch_weight, f"{key}.patch_weight", zero_ok=True)
         if spec.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{key}.dtype must be 'fp32' or 'bf16'; got {spec.dtype!r}")
+
+
+def check_paths(cfg: DistillConfig) -> None:
+    """Checks of files a run reads (separate from `validate`, so paper configs validate anywhere)."""
+    init = cfg.student.init
+    if init and not (Path(init) / "config.json").is_file():
+        raise ConfigError(
+            f"student.init={init!r}: not a final/ folder with config.json + model.safetensors "
+            "(use the final/ folder of the previous stage's output_dir)"
+        )

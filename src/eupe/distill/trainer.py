@@ -26,7 +26,15 @@ from ..data import build_loader
 from ..errors import CheckpointError, ConfigError, EupeError
 from ..teachers import build_teacher_from_spec
 from . import checkpoint as ckpt
-from .config import DistillConfig, load_config, micro_batch, student_resolutions, to_yaml, world_size
+from .config import (
+    DistillConfig,
+    check_paths,
+    load_config,
+    micro_batch,
+    student_resolutions,
+    to_yaml,
+    world_size,
+)
 from .loss import LossWeights, teacher_loss, total_loss
 from .norm import TeacherNorm
 from .stages import ScaleSampler, StudentState, draw_resolutions, prepare_student
@@ -45,6 +53,7 @@ class Distiller:
 
     def __init__(self, cfg: DistillConfig, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
+        check_paths(cfg)
         self.rank, self.world = _init_distributed()
         self.device = _pick_device(cfg.train.device, self.rank)
         _seed_everything(cfg.seed)
@@ -90,6 +99,8 @@ class Distiller:
                 )
                 lrs = {n: s.schedule.current_lr for n, s in self.students.items()}
                 logged: dict[str, float] = {}
+                if cfg.stage == "pyramid":  # which scales this iteration drew
+                    logged.update({f"resolution/{n}": r for n, r in {**student_res, **teacher_res}.items()})
                 for _ in range(t.accum_steps):
                     views = self._next_batch()
                     targets = self.teacher_targets(views, teacher_res)
@@ -172,7 +183,7 @@ class Distiller:
             return
         bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
         raise TrainingDiverged(
-            f"loss is {float(loss)} at step {self.step + 1} ({bad}); stopped. {self._last_good()} "
+            f"loss is {float(loss.detach())} at step {self.step + 1} ({bad}); stopped. {self._last_good()} "
             "Lower train.lr, check the data and teacher outputs, or try train.bf16=false."
         )
 
