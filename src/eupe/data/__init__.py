@@ -1,5 +1,24 @@
 """Image sources, mixing, augmentation, resolution pyramids, the teacher-feature cache."""
 
+from .augment import apply_params, replay_view, sample_params
 from .config import AugmentConfig, DataConfig, SourceSpec, validate_data
+from .loader import Batch, Loader, build_loader
+from .sources import IMAGE_EXTENSIONS, BadImage, decode_image, open_source, synthetic_image
 
-__all__ = ["AugmentConfig", "DataConfig", "SourceSpec", "validate_data"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "AugmentConfig",
+    "BadImage",
+    "Batch",
+    "DataConfig",
+    "Loader",
+    "SourceSpec",
+    "apply_params",
+    "build_loader",
+    "decode_image",
+    "open_source",
+    "replay_view",
+    "sample_params",
+    "synthetic_image",
+    "validate_data",
+]

@@ -1,0 +1,284 @@
+"""`build_loader`: an endless, deterministic, resumable, rank-sharded stream of augmented batches.
+
+How a batch is chosen (paper section 3.4): at global step k a coin seeded by (seed, k) picks the
+curated stream with probability `curated_prob`, else the pool; the whole global batch comes from
+that stream. Each stream walks a per-epoch permutation (seeded by seed, stream, epoch); a global
+batch takes the next `batch_size x world_size` positions, and rank r takes its contiguous slice,
+so ranks never share an item within an epoch. The state is just (step, position per stream):
+JSON-able, independent of worker count and valid for any world size.
+
+Every view is augmented from its own generator seeded by (seed, stream, position), and its
+parameters travel with the batch (`Batch.params`) so `replay_view` can rebuild it exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import EupeError
+from .augment import apply_params, sample_params, to_tensor01
+from .config import AugmentConfig, DataConfig, validate_data
+from .sources import BadImage, Source, open_source
+
+STREAMS = ("pool", "curated")
+MAX_REPLACEMENTS = 32  # consecutive unreadable draws before the source is declared broken
+MAX_EXAMPLES = 20
+
+
+@dataclass
+class Batch:
+    """views: float32 [B,3,S,S] in [0,1]; params: one replayable dict per view."""
+
+    views: torch.Tensor
+    params: list[dict[str, Any]]
+    stream: str
+    step: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.views.shape[0])
+
+
+class _Stream:
+    """The items of one stream (concatenated sources) addressed by a global index."""
+
+    def __init__(self, source_ids: list[int], sizes: list[int]):
+        self.source_ids = source_ids
+        self.starts = np.cumsum([0] + [sizes[i] for i in source_ids]).tolist()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, g: int) -> tuple[int, int]:
+        j = bisect.bisect_right(self.starts, g) - 1
+        return self.source_ids[j], g - self.starts[j]
+
+
+class _Plan:
+    """Which items make up each batch: pure arithmetic on (seed, step, positions)."""
+
+    def __init__(
+        self, streams: dict[str, _Stream], seed: int, curated_prob: float, batch: int, rank: int, world: int
+    ):
+        self.streams, self.seed, self.p = streams, seed, curated_prob
+        self.batch, self.rank, self.world = batch, rank, world
+        self.step = 0
+        self.pos = {name: 0 for name in streams}
+        self._perm: dict[tuple[str, int], np.ndarray] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "pos": dict(self.pos)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.pos = {name: int(state["pos"].get(name, 0)) for name in self.streams}
+
+    def _pick_stream(self, step: int) -> str:
+        if len(self.streams) == 1:
+            return next(iter(self.streams))
+        coin = np.random.default_rng([self.seed, step, 0xC0]).random()
+        return "curated" if coin < self.p else "pool"
+
+    def _item(self, name: str, position: int) -> int:
+        n = len(self.streams[name])
+        epoch, offset = divmod(position, n)
+        key = (name, epoch)
+        if key not in self._perm:
+            sid = STREAMS.index(name)
+            self._perm = {key: np.random.default_rng([self.seed, sid, epoch, 0xE9]).permutation(n)}
+        return int(self._perm[key][offset])
+
+    def next(self) -> tuple[str, int, list[tuple[int, int, int, int]]]:
+        """(stream, step, entries) for this rank; entries are (stream id, position, source, index)."""
+        name = self._pick_stream(self.step)
+        start = self.pos[name] + self.rank * self.batch
+        entries = []
+        for position in range(start, start + self.batch):
+            src, idx = self.streams[name].locate(self._item(name, position))
+            entries.append((STREAMS.index(name), position, src, idx))
+        step = self.step
+        self.pos[name] += self.batch * self.world
+        self.step += 1
+        return name, step, entries
+
+
+class _Views(torch.utils.data.Dataset):
+    """Decodes and augments one plan entry (runs in DataLoader workers or in-process)."""
+
+    def __init__(
+        self, sources: list[Source], streams: dict[str, _Stream], aug: AugmentConfig, size: int, seed: int
+    ):
+        self.sources, self.streams, self.aug, self.size, self.seed = sources, streams, aug, size, seed
+
+    def __len__(self) -> int:  # never used for sampling; the plan drives the loader
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(
+        self, entry: tuple[int, int, int, int]
+    ) -> tuple[torch.Tensor, dict[str, Any], list[dict]]:
+        sid, position, src, idx = entry
+        stream = self.streams[STREAMS[sid]]
+        skipped: list[dict[str, str]] = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            source = self.sources[src]
+            try:
+                image = source.load(idx)
+                break
+            except BadImage as e:
+                skipped.append({"file": f"{source.spec.name}:{source.keys[idx]}", "reason": str(e)})
+                # A deterministic stand-in from the same stream keeps batch size and determinism.
+                g = int(
+                    np.random.default_rng([self.seed, sid, position, attempt + 1, 0xBAD]).integers(
+                        len(stream)
+                    )
+                )
+                src, idx = stream.locate(g)
+        else:
+            raise EupeError(
+                f"data: {MAX_REPLACEMENTS + 1} unreadable images in a row (last: {skipped[-1]['reason']}); "
+                "is the source mostly corrupt? check data.sources"
+            )
+        rng = np.random.default_rng([self.seed, sid, position, 0xA6])
+        params = sample_params(rng, self.aug, image.width, image.height)
+        params.update(source=src, source_name=source.spec.name, key=source.keys[idx], index=idx)
+        view = apply_params(to_tensor01(image), params, self.size)
+        return view, params, skipped
+
+
+def _collate(samples: list[tuple[torch.Tensor, dict, list]]) -> tuple[torch.Tensor, list[dict], list[dict]]:
+    views = torch.stack([s[0] for s in samples])
+    return views, [s[1] for s in samples], [x for s in samples for x in s[2]]
+
+
+class _PlanSampler:
+    """A batch sampler for DataLoader: the entries of consecutive batches from a plan state."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = copy.deepcopy(plan)  # the loader's own plan advances only as batches are taken
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        plan = copy.deepcopy(self.plan)
+        while True:
+            yield plan.next()[2]
+
+
+class Loader:
+    """Iterator of `Batch`es with `state_dict()`/`load_state_dict()` and `stats()`."""
+
+    def __init__(
+        self, cfg: DataConfig, batch_size: int, view_size: int, seed: int, rank: int, world_size: int
+    ):
+        validate_data(cfg)
+        if batch_size <= 0 or view_size <= 0:
+            raise EupeError(
+                f"build_loader: batch_size and view_size must be > 0; got {batch_size}, {view_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise EupeError(f"build_loader: rank {rank} is outside world_size {world_size}")
+        self.cfg, self.batch_size, self.view_size, self.seed = cfg, batch_size, view_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.sources = [open_source(s, seed) for s in cfg.sources]
+        sizes = [len(s) for s in self.sources]
+        curated = [i for i, s in enumerate(cfg.sources) if s.curated]
+        pool = [i for i, s in enumerate(cfg.sources) if not s.curated]
+        self.streams = {
+            name: _Stream(ids, sizes) for name, ids in (("pool", pool), ("curated", curated)) if ids
+        }
+        self.plan = _Plan(self.streams, seed, cfg.curated_prob, batch_size, rank, world_size)
+        self.dataset = _Views(self.sources, self.streams, cfg.augment, view_size, seed)
+        self.skipped = 0
+        self.bad: dict[str, str] = {}
+        self._it: Iterator | None = None
+
+    # -- iteration -------------------------------------------------------------------------
+    def __iter__(self) -> Loader:
+        return self
+
+    def _start(self) -> Iterator:
+        if self.cfg.num_workers == 0:
+            return (self._in_process(entries) for entries in _PlanSampler(self.plan))
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=_PlanSampler(self.plan),
+            num_workers=self.cfg.num_workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
+        return iter(loader)
+
+    def _in_process(self, entries: list[tuple[int, int, int, int]]) -> tuple:
+        # Per-image ops on small tensors only lose from intra-op threads (like DataLoader workers).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _collate([self.dataset[e] for e in entries])
+        finally:
+            torch.set_num_threads(threads)
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = self._start()
+        views, params, skipped = next(self._it)
+        stream, step, _ = self.plan.next()  # the same arithmetic the sampler did: keeps the state
+        self.skipped += len(skipped)
+        for s in skipped:
+            if len(self.bad) < MAX_EXAMPLES or s["file"] in self.bad:
+                self.bad[s["file"]] = s["reason"]
+        return Batch(views=views, params=params, stream=stream, step=step, skipped=skipped)
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able position after the last batch returned (prefetched batches do not count)."""
+        return {
+            "version": 1,
+            "seed": self.seed,
+            **self.plan.state(),
+            "sizes": {s.spec.name: len(s) for s in self.sources},
+            "skipped": self.skipped,
+            "bad_examples": dict(self.bad),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly at the batch after the saved one (any worker count or world size)."""
+        sizes = {s.spec.name: len(s) for s in self.sources}
+        if state.get("sizes", sizes) != sizes:
+            raise EupeError(
+                f"data: the sources changed since this state was saved (then {state['sizes']}, now {sizes}); "
+                "resuming would not continue the same stream"
+            )
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise EupeError(
+                f"data: state was saved with seed {state['seed']}, this loader has seed {self.seed}"
+            )
+        self.plan.set_state(state)
+        self.skipped = int(state.get("skipped", 0))
+        self.bad = dict(state.get("bad_examples", {}))
+        self._it = None
+
+    def stats(self) -> dict[str, Any]:
+        """Skipped (unreadable) draws so far on this rank, and up to 20 example files with reasons."""
+        return {
+            "skipped": self.skipped,
+            "examples": [{"file": f, "reason": r} for f, r in self.bad.items()],
+            "step": self.plan.step,
+            "epoch": {name: self.plan.pos[name] / len(s) for name, s in self.streams.items()},
+        }
+
+    def load_source_image(self, params: dict[str, Any]) -> Any:
+        """Decode the item a view was cut from (for `replay_view`)."""
+        return self.sources[int(params["source"])].load(int(params["index"]))
+
+
+def build_loader(
+    cfg: DataConfig, batch_size: int, view_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> Loader:
+    """The training stream of one rank: `batch_size` views of side `view_size` per batch."""
+    return Loader(cfg, batch_size, view_size, seed, rank, world_size)
