@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data import DataConfig
+from ..data import DataConfig, validate_data
 from ..errors import ConfigError
 from ..models.zoo import STUDENTS, ZOO
 from ..teachers.spec import TeacherSpec
@@ -239,6 +239,7 @@ def validate(cfg: DistillConfig) -> None:
         _positive(spec.patch_weight, f"{key}.patch_weight", zero_ok=True)
         if spec.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{key}.dtype must be 'fp32' or 'bf16'; got {spec.dtype!r}")
+    validate_data(cfg.data)
 
 
 def check_paths(cfg: DistillConfig) -> None:

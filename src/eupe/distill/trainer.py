@@ -212,10 +212,7 @@ class Distiller:
     def _build_teachers(self) -> dict:
         teachers = {}
         for name, spec in self.cfg.teachers.items():
-            try:
-                teacher = build_teacher_from_spec(name, spec, seed=self.cfg.seed)
-            except ConfigError as e:
-                raise ConfigError(f"teachers.{name}: {e}") from None
+            teacher = build_teacher_from_spec(name, spec, seed=self.cfg.seed)  # errors name teachers.<name>
             teachers[name] = teacher.to(self.device).eval().requires_grad_(False)
             if self.cfg.stage == "pyramid":
                 for r in self.cfg.pyramid:
