@@ -158,6 +158,8 @@ def test_heads_shapes_for_every_student_teacher_pair(student):
         (["teachers.vit_a.weight=-1"], "teachers.vit_a.weight must be >= 0"),
         (["train.warmup_steps=100"], "train.warmup_steps=100 exceeds train.max_steps=30"),
         (["lr=1"], "invalid config: lr"),
+        (["data.teacher_cache=x"], "data.teacher_cache='x'"),
+        (["data.curated_prob=2"], "data.curated_prob must be in [0, 1]"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):

@@ -240,6 +240,11 @@ def validate(cfg: DistillConfig) -> None:
         if spec.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{key}.dtype must be 'fp32' or 'bf16'; got {spec.dtype!r}")
     validate_data(cfg.data)
+    if cfg.data.teacher_cache:
+        raise ConfigError(
+            f"data.teacher_cache={cfg.data.teacher_cache!r}: the trainer runs teachers live and does not "
+            "read a teacher-feature cache yet; remove data.teacher_cache"
+        )
 
 
 def check_paths(cfg: DistillConfig) -> None:
