@@ -210,3 +210,25 @@ def test_teacher_resolution_not_multiple_of_patch_size(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "teachers.vit_a" in err and "resolution=60" in err and "nearest: 64" in err
     assert not out.exists()  # nothing is written before the config is known to be good
+
+
+def test_corrupt_files_are_skipped_counted_and_reported(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 255 - 40 * i, 90)).save(images / f"{i}.png")
+    (images / "truncated.png").write_bytes((images / "0.png").read_bytes()[:30])
+    (images / "notes.jpg").write_text("not an image")
+    out = tmp_path / "run"
+    _distill(
+        str(REPO / "configs/tiny/stage1.yaml"),
+        f"output_dir={out}",
+        f"data.sources=[{{name: imgs, type: folder, path: {images}}}]",
+        "train.max_steps=4",
+        "norm.batches=2",
+        *QUIET,
+    )
+    assert _metrics(out)[-1]["data/skipped"] > 0
+    assert "data: skipped" in capsys.readouterr().err

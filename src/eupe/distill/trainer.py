@@ -121,6 +121,7 @@ class Distiller:
                     now = time.perf_counter()
                     row = {"step": self.step, "lr": lrs["student"] if len(lrs) == 1 else lrs, **logged}
                     row["images_per_s"] = images / max(now - t_window, 1e-9)
+                    row["data/skipped"] = self.loader.stats()["skipped"]  # unreadable files so far
                     images, t_window = 0, now
                     self._log(row, writer)
                     bar.set_postfix(
@@ -133,7 +134,14 @@ class Distiller:
             bar.close()
             if writer is not None:
                 writer.close()
+        self._report_skipped()
         return self.save_final()
+
+    def _report_skipped(self) -> None:
+        stats = self.loader.stats()
+        if stats["skipped"] and not self.rank:
+            shown = "; ".join(f"{e['file']}: {e['reason']}" for e in stats["examples"][:3])
+            print(f"data: skipped {stats['skipped']} unreadable file(s), e.g. {shown}", file=sys.stderr)
 
     # -- one step's parts ---------------------------------------------------------------------
     def teacher_targets(self, views: torch.Tensor, resolutions: dict[str, int | None]) -> dict:
