@@ -62,6 +62,7 @@ class Teacher(nn.Module):
         autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.training = False  # frozen experts are always in eval mode (see `train`)
         if resolution % stride:
             raise ConfigError(
                 f"teacher expects inputs that are multiples of its patch size {stride}; "

@@ -54,17 +54,26 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], resolution: int
         return timm.create_model(name, pretrained=pretrained, **extras, **kwargs)
     except TypeError:
         pass  # not a ViT (CNNs take neither keyword): build it plainly below
-    except RuntimeError as e:
+    except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
-            raise CheckpointError(
-                f"timm model {name!r}: could not fetch its pretrained weights ({str(e).splitlines()[0]}); "
-                "when offline pass checkpoint=<local .safetensors/.pth> or pretrained=false"
-            ) from None
+            _no_weights(name, e)
         raise
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise ConfigError(f"timm model {name!r}: bad constructor kwargs {kwargs}: {e}") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        if pretrained:
+            _no_weights(name, e)
+        raise
+
+
+def _no_weights(name: str, error: Exception) -> None:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise CheckpointError(
+        f"timm model {name!r}: could not get its pretrained weights ({type(error).__name__}: {detail[:160]}); "
+        "offline, pass checkpoint=<local .safetensors/.pth> (or pretrained=false for a random teacher)"
+    ) from None
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:
