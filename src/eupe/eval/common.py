@@ -105,8 +105,8 @@ def resolve_settings(cls: type[S], overrides: dict[str, Any] | None = None) -> S
         merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(overrides))
         settings = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"bad setting for {cls.__name__}: {msg}") from None
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"bad setting {key} for {cls.__name__}: {str(e).splitlines()[0]}") from None
     check = getattr(settings, "check", None)
     if check is not None:
         check()

@@ -138,7 +138,7 @@ def random_crop_flip(
 
 def to_tensor01(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> [3,H,W] float in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

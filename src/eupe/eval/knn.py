@@ -72,7 +72,7 @@ class _Transformed(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def extract_cls(
     model: EvalModel, dataset: ClassFolder, transform: Any, batch_size: int, num_workers: int, desc: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

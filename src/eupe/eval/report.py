@@ -188,6 +188,8 @@ def radar_plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # an axis where no model has a number (e.g. zero-shot for encoders without text heads) says nothing
+    cols = [c for c in cols if any(c in row and row[c].value is not None for row in results.values())]
     if not cols:
         return
     n = len(cols)

@@ -73,7 +73,7 @@ def open_clip_text_tower(name: str, weights: str = "", device: str | torch.devic
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(name)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def text_classifier(model: Any, tokenizer: Any, classnames: list[str], templates: list[str]) -> torch.Tensor:
     """[C, E] unit vectors: the mean of each class's normalized template embeddings, renormalized."""
     device = next(model.parameters()).device

@@ -1,0 +1,146 @@
+"""Metric implementations against hand-computed values, and the shared settings/result plumbing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from eupe.errors import ConfigError
+from eupe.eval.common import EvalResult, lr_at, parse_overrides, read_result, resolve_settings
+from eupe.eval.depth import depth_metrics, eigen_crop_mask, sig_loss
+from eupe.eval.knn import KNNSettings, knn_accuracy, knn_vote, running_topk
+from eupe.eval.pca import pca_rgb
+from eupe.eval.seg import intersect_union, mean_iou
+from eupe.eval.spair import long_side_for, match_keypoints, pck
+
+
+def test_knn_vote_majority_and_tie_break():
+    # neighbours sorted by similarity; labels per neighbour
+    sims = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.9, 0.5, 0.4, 0.3], [0.9, 0.8, 0.2, 0.1]])
+    labels = torch.tensor([[0, 1, 1, 2], [2, 1, 1, 0], [0, 1, 2, 2]])
+    # row 0: k=4 -> class 1 has two votes; row 1: class 1 (2 votes) beats the nearest (class 2)
+    # row 2, k=2: a 1-1 tie between 0 (0.9) and 1 (0.8) goes to the larger summed similarity
+    assert knn_vote(sims, labels, 4, 3).tolist() == [1, 1, 2]
+    assert knn_vote(sims, labels, 2, 3).tolist() == [0, 2, 0]
+    assert knn_vote(sims, labels, 1, 3).tolist() == [0, 2, 0]
+
+
+def test_running_topk_matches_full_topk():
+    g = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(7, 5, generator=g), torch.randn(50, 5, generator=g)
+    s, i = running_topk(q, bank, k=6, chunk_size=8)  # 7 chunks, last one partial
+    full_s, full_i = (q @ bank.T).topk(6, dim=1)
+    assert torch.allclose(s, full_s) and torch.equal(i, full_i)
+    s, i = running_topk(q, bank[:3], k=10, chunk_size=2)  # bank smaller than k
+    assert s.shape == (7, 3)
+
+
+def test_knn_accuracy_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [1.0, 0.05]])
+    train_y = torch.tensor([0, 0, 1, 1, 1])
+    val = torch.tensor([[1.0, 0.04], [0.05, 1.0], [2.0, 0.0]])  # after L2 normalization row 3 is [1, 0]
+    val_y = torch.tensor([0, 1, 1])
+    acc = knn_accuracy(train, train_y, val, val_y, ks=[1, 3], num_classes=2, chunk_size=2)
+    # k=1: nearest of val0 is train4 (label 1): wrong; val1 -> 1 right; val2 (= [1, 0]) -> train0: wrong
+    assert acc[1] == pytest.approx(1 / 3)
+    # k=3: val0 -> {4, 0, 1} = two 0s: right; val1 -> {3, 2, 1} -> 1: right; val2 -> 0 wins: wrong
+    assert acc[3] == pytest.approx(2 / 3)
+
+
+def test_miou_with_absent_classes_by_hand():
+    label = np.array([[0, 0, 1, 255], [1, 1, 2, 2]])
+    pred = np.array([[0, 1, 1, 3], [1, 1, 2, 0]])
+    inter, union = intersect_union(pred, label, num_classes=4)
+    # class 0: I=1, U=|{p0}|2 + |{l0}|2 - 1 = 3; class 1: I=3, U=4+3-3=4; class 2: I=1, U=1+2-1=2
+    # class 3: predicted only on the ignored pixel -> union 0, absent
+    assert inter.tolist() == [1, 3, 1, 0] and union.tolist() == [3, 4, 2, 0]
+    miou, iou = mean_iou(inter, union)
+    assert miou == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert np.isnan(iou[3])
+
+
+def test_pck_by_hand():
+    gt = np.array([[10.0, 10.0], [50.0, 50.0], [0.0, 0.0]])
+    pred = np.array([[13.0, 14.0], [50.0, 56.1], [0.0, 6.0]])
+    bbox = np.array([0, 0, 60, 40])  # threshold 0.1 * 60 = 6
+    assert pck(pred, gt, bbox).tolist() == [True, False, True]
+    assert long_side_for(14) == 448 and long_side_for(16) == 512 and long_side_for(32) == 512
+
+
+def test_match_keypoints_finds_identical_features():
+    feats = torch.nn.functional.normalize(torch.randn(8, 6, 9), dim=0)
+    xy = np.array([[0.2, 0.4], [8.0, 5.0], [3.6, 2.5]])
+    assert match_keypoints(feats, feats, xy).tolist() == [[0, 0], [8, 5], [4, 2]]  # rounded (x, y)
+
+
+def test_depth_metrics_by_hand():
+    gt = np.array([[1.0, 2.0], [4.0, 0.0]])
+    pred = np.array([[1.0, 3.0], [2.0, 9.0]])
+    mask = gt > 0
+    m = depth_metrics(pred, gt, mask)
+    assert m["rmse"] == pytest.approx(np.sqrt((0 + 1 + 4) / 3))
+    assert m["abs_rel"] == pytest.approx((0 + 0.5 + 0.5) / 3)
+    assert m["delta1"] == pytest.approx(1 / 3)  # ratios 1, 1.5, 2
+
+
+def test_eigen_crop_scales_with_the_image():
+    full = eigen_crop_mask(480, 640)
+    assert full.sum() == (471 - 45) * (601 - 41) and full[45, 41] and not full[44, 41] and not full[45, 601]
+    half = eigen_crop_mask(240, 320)
+    rows, cols = np.where(half)
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (22, 236, 20, 300)  # 22.5 rounds to 22
+
+
+def test_sig_loss_is_scale_invariant_up_to_mean_term():
+    gt = torch.rand(2, 8, 8) * 5 + 1
+    assert float(sig_loss(gt[:, None].clone(), gt)) == pytest.approx(0.0, abs=1e-5)
+    # pred = 2 * gt: g = log 2 everywhere, Var = 0 -> sqrt(0.15) * log 2
+    assert float(sig_loss(2 * gt[:, None], gt)) == pytest.approx(np.sqrt(0.15) * np.log(2), rel=1e-4)
+
+
+def test_pca_rgb_on_known_components():
+    # tokens on three orthogonal axes with decreasing spread: 3 components explain everything
+    g = torch.Generator().manual_seed(0)
+    coeff = torch.randn(40, 3, generator=g) * torch.tensor([3.0, 2.0, 1.0])
+    tokens = torch.cat([coeff, torch.zeros(40, 5)], 1)
+    (rgb,), explained = pca_rgb([tokens])
+    assert explained == pytest.approx(1.0) and rgb.shape == (40, 3)
+    assert rgb.min() >= 0 and rgb.max() <= 1
+    # the first colour channel follows the largest-spread axis
+    assert np.corrcoef(rgb[:, 0], coeff[:, 0].numpy())[0, 1] ** 2 > 0.8
+
+
+def test_overrides_and_settings():
+    assert parse_overrides(["iterations=10", "k=[10,20]", "lr=1e-3", "teacher=pe"]) == {
+        "iterations": 10,
+        "k": [10, 20],
+        "lr": 0.001,
+        "teacher": "pe",
+    }
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["iterations"])
+    assert resolve_settings(KNNSettings, {"k": [5], "batch_size": 3}).k == [5]
+    with pytest.raises(ConfigError, match="unknown setting.*itrations.*valid"):
+        resolve_settings(KNNSettings, {"itrations": 3})
+    with pytest.raises(ConfigError, match="batch_size"):
+        resolve_settings(KNNSettings, {"batch_size": "many"})
+    with pytest.raises(ConfigError, match="positive"):
+        resolve_settings(KNNSettings, {"k": [0]})
+
+
+def test_warmup_is_clipped_to_the_run():
+    assert lr_at(0, iterations=4, warmup_iters=100, lr=1.0) == pytest.approx(0.25)
+    assert lr_at(3, iterations=4, warmup_iters=100, lr=1.0) == pytest.approx(1.0)
+    assert lr_at(0, iterations=10, warmup_iters=0, lr=1.0) == pytest.approx(1.0)
+    assert lr_at(10, iterations=10, warmup_iters=0, lr=1.0) == pytest.approx(0.0)
+
+
+def test_results_json_round_trip(tmp_path):
+    r = EvalResult("knn", "top1@k=10", 0.5, "m", "d", {"k": [10]}, extra={"x": np.float32(1.5)})
+    path = r.write(tmp_path / "out")
+    data = json.loads(path.read_text())
+    assert set(data) >= {"task", "metric", "value", "model", "dataset", "settings", "extra", "status"}
+    assert read_result(tmp_path / "out").value == 0.5 and data["extra"]["x"] == 1.5
