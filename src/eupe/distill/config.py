@@ -51,6 +51,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # max global grad norm; 0 disables
     bf16: bool = False  # bf16 autocast for the student and heads (teachers: their spec's dtype)
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # CPU intra-op threads; 0 keeps PyTorch's default (1 is fastest for tiny models)
     tensorboard: bool = False  # also log to output_dir/tensorboard (needs the tensorboard package)
     progress: bool = True  # tqdm bar
 
@@ -175,7 +176,7 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("max_steps", "log_every", "checkpoint_every", "global_batch", "accum_steps"):
         _positive(getattr(t, name), f"train.{name}")
     _positive(t.lr, "train.lr")
-    for name in ("min_lr", "weight_decay", "clip_grad", "warmup_steps"):
+    for name in ("min_lr", "weight_decay", "clip_grad", "warmup_steps", "threads"):
         _positive(getattr(t, name), f"train.{name}", zero_ok=True)
     if t.warmup_steps > t.max_steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.max_steps={t.max_steps}")

@@ -56,6 +56,8 @@ class Distiller:
         check_paths(cfg)
         self.rank, self.world = _init_distributed()
         self.device = _pick_device(cfg.train.device, self.rank)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         _seed_everything(cfg.seed)
         self.teachers = self._build_teachers()
         dims = {n: (t.cls_dim, t.patch_dim) for n, t in self.teachers.items()}
@@ -172,8 +174,9 @@ class Distiller:
         """Average gradients over processes, clip, step, advance the schedule; returns the grad norm."""
         params = [p for p in s.parameters() if p.grad is not None]
         if self.world > 1:
-            for p in params:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+            for p in params:  # SUM then divide: gloo (CPU) has no AVG
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.world)
         clip = self.cfg.train.clip_grad
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(norm):
