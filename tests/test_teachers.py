@@ -193,6 +193,7 @@ class _TinyCnn(nn.Module):
         return self.last(torch.relu(self.mid(torch.relu(self.stem(x))))).mean(dim=(2, 3))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the small, fast TorchScript exporter is enough here
 def test_onnx_teacher_intermediate_tensor(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
