@@ -58,6 +58,7 @@ def test_bad_setting_is_one_line_error(world, tmp_path, capsys):
 def test_seg_cli_without_cache(world, tmp_path, capsys):
     args = ["eval", "seg", "--model", world / "tiny", "--data", world / "ade", "--output-dir", tmp_path]
     settings = ["resolution=32", "iterations=3", "batch_size=2", "warmup_iters=100", "max_val_images=1"]
+    settings.append("num_workers=0")
     code, out, _ = _run([*args, *settings], capsys)
     r = _results(tmp_path)
     assert code == 0 and r["metric"] == "mIoU" and 0 <= r["value"] <= 1
@@ -66,7 +67,7 @@ def test_seg_cli_without_cache(world, tmp_path, capsys):
 
 def test_depth_cli(world, tmp_path, capsys):
     args = ["eval", "depth", "--model", world / "tiny", "--data", world / "nyu", "--output-dir", tmp_path]
-    code, out, _ = _run([*args, "resolution=32", "iterations=3", "batch_size=2"], capsys)
+    code, out, _ = _run([*args, "resolution=32", "iterations=3", "batch_size=2", "num_workers=0"], capsys)
     r = _results(tmp_path)
     assert code == 0 and r["metric"] == "rmse" and r["value"] > 0 and "m" in out
     assert {"abs_rel", "delta1"} <= set(r["extra"])
@@ -149,7 +150,7 @@ def test_suite_cli_table_and_radar(world, tmp_path, capsys):
     config = {
         "output_dir": str(tmp_path / "suite"),
         "title": "tiny suite",
-        "settings": {"device": "cpu"},
+        "settings": {"device": "cpu", "num_workers": 0},
         "models": [
             {"name": "tiny-A", "model": str(world / "tiny")},
             {"name": "tiny-B", "model": str(world / "tiny2")},

@@ -46,6 +46,7 @@ def test_linear_seg_on_colour_coded_scenes(tmp_path):
         lr=0.05,
         warmup_iters=10,
         cache_views=2,
+        num_workers=0,
         device="cpu",
     )
     assert r.task == "seg" and r.metric == "mIoU"
@@ -64,6 +65,7 @@ def test_linear_depth_learns_a_known_function_of_colour(tmp_path):
         batch_size=8,
         lr=0.05,
         cache_views=2,
+        num_workers=0,
         device="cpu",
     )
     gt = np.concatenate([np.asarray(x[1]).ravel() for x in ev.datasets.NYUDepth(tmp_path, "nyu_test.txt")])

@@ -50,6 +50,7 @@ class DepthSettings:
     max_depth: float = 10.0
     eigen_crop: bool = True
     cache_views: int = 0
+    num_workers: int = 4  # data-loading processes for the probe's training views
     max_val_images: int = 0
     train_list: str = "nyu_train.txt"
     test_list: str = "nyu_test.txt"
@@ -132,7 +133,7 @@ def depth(
         return sig_loss(pred, gt, s.min_depth, s.max_depth)
 
     sched = ProbeSchedule(
-        s.iterations, s.batch_size, s.lr, s.weight_decay, s.warmup_iters, s.cache_views, s.seed
+        s.iterations, s.batch_size, s.lr, s.weight_decay, s.warmup_iters, s.cache_views, s.seed, s.num_workers
     )
     timing = train_probe(m, head, view, len(train), loss, sched, "depth probe")
     n = len(test) if s.max_val_images <= 0 else min(len(test), s.max_val_images)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError, EupeError
 from .common import RESULTS_FILE, EvalResult, read_result
-from .depth import depth
-from .knn import knn
-from .pca import pca
-from .seg import seg
-from .spair import spair
-from .zeroshot import zeroshot
+from .depth import DepthSettings, depth
+from .knn import KNNSettings, knn
+from .pca import PCASettings, pca
+from .seg import SegSettings, seg
+from .spair import SPairSettings, spair
+from .zeroshot import ZeroShotSettings, zeroshot
 
 TASKS: dict[str, Callable[..., EvalResult]] = {
     "knn": knn,
@@ -34,6 +34,14 @@ TASKS: dict[str, Callable[..., EvalResult]] = {
     "depth": depth,
     "spair": spair,
     "pca": pca,
+}
+SETTINGS: dict[str, type] = {
+    "knn": KNNSettings,
+    "zeroshot": ZeroShotSettings,
+    "seg": SegSettings,
+    "depth": DepthSettings,
+    "spair": SPairSettings,
+    "pca": PCASettings,
 }
 LABELS = {"knn": "IN1k-KNN", "zeroshot": "IN1k-ZS", "seg": "ADE20k", "depth": "NYUv2", "spair": "SPair"}
 LOWER_IS_BETTER = {"rmse"}
@@ -59,7 +67,8 @@ class SuiteConfig:
     output_dir: str = "eval_suite"
     models: list[SuiteModel] = field(default_factory=list)
     evals: list[SuiteEval] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)  # applied to every eval (e.g. device)
+    # applied to every eval that has the key (e.g. device, num_workers); per-eval settings win
+    settings: dict[str, Any] = field(default_factory=dict)
     skip_existing: bool = True
     title: str = "Evaluation suite"
 
@@ -98,7 +107,8 @@ def run_suite(suite: SuiteConfig) -> dict[str, Any]:
     columns: list[tuple[str, str]] = []  # (key, label)
     for ev in suite.evals:
         key = ev.label or LABELS.get(ev.task, ev.task)
-        settings = {**suite.settings, **ev.settings}
+        known = {f.name for f in fields(SETTINGS[ev.task])}
+        settings = {**{k: v for k, v in suite.settings.items() if k in known}, **ev.settings}
         if ev.task == "pca":
             pca_dir = out / "pca"
             if not (suite.skip_existing and (pca_dir / RESULTS_FILE).is_file()):
