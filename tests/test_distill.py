@@ -177,6 +177,13 @@ def test_config_eupe_teacher_needs_checkpoint_and_missing_init_folder(tmp_path):
         check_paths(cfg)
 
 
+def test_config_delete_override():
+    assert list(load_config(TINY, ["~teachers.vit_b"]).teachers) == ["vit_a"]
+    assert load_config(TINY, ["~student.overrides.depth"]).student.overrides == {}
+    with pytest.raises(ConfigError, match=re.escape("there is no teachers.nope to delete")):
+        load_config(TINY, ["~teachers.nope"])
+
+
 def test_config_overrides_and_defaults():
     cfg = load_config("configs/tiny/stage3.yaml", ["teachers.proxy.checkpoint=S1/final", "train.lr=5e-4"])
     assert cfg.stage == "pyramid" and cfg.teachers["proxy"].checkpoint == "S1/final"

@@ -2,6 +2,7 @@
 kill-and-resume, NaN stop."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -232,3 +233,22 @@ def test_corrupt_files_are_skipped_counted_and_reported(tmp_path, capsys):
     )
     assert _metrics(out)[-1]["data/skipped"] > 0
     assert "data: skipped" in capsys.readouterr().err
+
+
+def test_convnext_student_from_the_proxy(runs, tmp_path):
+    """ConvNeXt students: stride 32, so their 2x2 patch outputs are upsampled to the proxy's 4x4."""
+    out = tmp_path / "convnext"
+    _distill(
+        str(REPO / "configs/tiny/stage2.yaml"),
+        f"teachers.proxy.checkpoint={runs['S1']}/final",
+        f"output_dir={out}",
+        "student.name=eupe_convnext_tiny",
+        "~student.overrides.depth",
+        "student.overrides={depths: [1, 1, 1, 1], dims: [16, 32, 64, 768]}",
+        "train.max_steps=4",
+        "norm.batches=2",
+        *QUIET,
+    )
+    model = eupe.create_model(out / "final")
+    assert model.family == "convnext" and "rope_rescale_coords" not in model.overrides
+    assert all(math.isfinite(r["loss"]) for r in _metrics(out))

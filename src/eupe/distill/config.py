@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data import DataConfig, validate_data
@@ -122,17 +122,28 @@ def _describe(e: OmegaConfBaseException) -> str:
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> DistillConfig:
-    """YAML file (optional) + `key=value` overrides -> a validated `DistillConfig`."""
-    schema = OmegaConf.structured(DistillConfig)
-    layers: list[Any] = [schema]
-    if path is not None:
-        layers.append(_read_yaml(Path(path)))
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    """YAML file (optional) + overrides -> a validated `DistillConfig`.
+
+    Overrides are `key=value` (merged, like YAML) or `~key` (delete a mapping entry, e.g.
+    `~teachers.pe_lang_g` or `~student.overrides.depth`, since merging can add but not remove).
+    """
+    merged: Any = OmegaConf.structured(DistillConfig)
+    deletions = [o[1:] for o in overrides if o.startswith("~")]
+    assignments = [o for o in overrides if not o.startswith("~")]
+    bad = [o for o in assignments if "=" not in o or o.startswith("=")]
     if bad:
-        raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.lr=1e-4)")
+        raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.lr=1e-4) or ~key")
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
+        if path is not None:
+            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+        for key in deletions:
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(merged, parent_key) if parent_key else merged
+            if not isinstance(parent, DictConfig) or leaf not in parent:
+                raise ConfigError(f"override '~{key}': there is no {key} to delete")
+            with open_dict(parent):
+                del parent[leaf]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(assignments))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {_describe(e)}") from None

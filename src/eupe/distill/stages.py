@@ -50,8 +50,15 @@ def student_overrides(cfg: StudentConfig) -> dict[str, Any]:
 
 def build_student(cfg: StudentConfig, device: torch.device | str | None = None) -> Encoder:
     """The student encoder, with `student.init` weights loaded strictly when set."""
-    with torch.device(device or "cpu"):
-        model = Encoder(arch=cfg.name, overrides=student_overrides(cfg) or None)
+    overrides = student_overrides(cfg)
+    try:
+        with torch.device(device or "cpu"):
+            model = Encoder(arch=cfg.name, overrides=overrides or None)
+    except TypeError as e:  # a timm kwarg this architecture does not take
+        raise ConfigError(
+            f"student.overrides={overrides} do not fit {cfg.name} ({e}); remove the key, e.g. "
+            "~student.overrides.depth"
+        ) from None
     if cfg.init:
         load_weights(model, cfg.init)
     return model
