@@ -88,7 +88,12 @@ def _cmd_distill(sub: argparse._SubParsersAction) -> None:
     """,
     )
     p.add_argument("config", nargs="?", help="YAML config (see configs/paper and configs/tiny)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.lr=1e-4; ~key deletes a key",
+    )
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR")
     p.set_defaults(run=_run_distill)
 
