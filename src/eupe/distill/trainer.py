@@ -93,41 +93,38 @@ class Distiller:
         cfg, t = self.cfg, self.cfg.train
         self._measure_norm_if_needed()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress or self.rank, unit="step")
-        images, t_window, writer = 0, time.perf_counter(), self._tensorboard()
+        self._window = (0, time.perf_counter())  # (images, start time) since the last log line
+        writer = self._tensorboard()
         try:
             while self.step < t.max_steps:
                 teacher_res, student_res = draw_resolutions(
-                    cfg, self.sampler, list(self.teachers), list(self.students)
+                    cfg, self.sampler, [*self.teachers], [*self.students]
                 )
                 lrs = {n: s.schedule.current_lr for n, s in self.students.items()}
                 logged: dict[str, float] = {}
-                if cfg.stage == "pyramid":  # which scales this iteration drew
-                    logged.update({f"resolution/{n}": r for n, r in {**student_res, **teacher_res}.items()})
                 for _ in range(t.accum_steps):
                     views = self._next_batch()
-                    targets = self.teacher_targets(views, teacher_res)
+                    targets = self.teacher_targets(views, teacher_res)  # frozen, normalized
                     for name, s in self.students.items():
                         loss, terms = self.student_loss(s, views, targets, student_res[name])
                         self._check_finite(loss, terms)
                         (loss / t.accum_steps).backward()
-                        prefix = "" if len(self.students) == 1 else f"{name}/"
                         for k, v in {"loss": float(loss.detach()), **terms}.items():
-                            logged[prefix + k] = logged.get(prefix + k, 0.0) + v / t.accum_steps
-                    images += views.shape[0] * self.world
+                            key = self._key(name, k)
+                            logged[key] = logged.get(key, 0.0) + v / t.accum_steps
+                    self._count_images(views.shape[0] * self.world)
                 for name, s in self.students.items():
-                    grad_norm = self.optimizer_step(s)
-                    logged[("" if len(self.students) == 1 else f"{name}/") + "grad_norm"] = grad_norm
+                    logged[self._key(name, "grad_norm")] = self.optimizer_step(s)
                 self.step += 1
 
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    now = time.perf_counter()
-                    row = {"step": self.step, "lr": lrs["student"] if len(lrs) == 1 else lrs, **logged}
-                    row["images_per_s"] = images / max(now - t_window, 1e-9)
-                    row["data/skipped"] = self.loader.stats()["skipped"]  # unreadable files so far
-                    images, t_window = 0, now
-                    self._log(row, writer)
+                    if cfg.stage == "pyramid":  # the scales this iteration drew
+                        logged.update(
+                            {f"resolution/{n}": r for n, r in {**student_res, **teacher_res}.items()}
+                        )
+                    row = self._log(logged, lrs, writer)
                     bar.set_postfix(
-                        loss=f"{logged.get('loss', float('nan')):.4f}", img_s=f"{row['images_per_s']:.1f}"
+                        loss=f"{row.get('loss', math.nan):.4f}", img_s=f"{row['images_per_s']:.1f}"
                     )
                 bar.update(1)
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
@@ -138,6 +135,13 @@ class Distiller:
                 writer.close()
         self._report_skipped()
         return self.save_final()
+
+    def _key(self, student: str, name: str) -> str:
+        """Metric name; with several students each gets a `<student>/` prefix."""
+        return name if len(self.students) == 1 else f"{student}/{name}"
+
+    def _count_images(self, n: int) -> None:
+        self._window = (self._window[0] + n, self._window[1])
 
     def _report_skipped(self) -> None:
         stats = self.loader.stats()
@@ -325,15 +329,23 @@ class Distiller:
         return ckpt.write_atomic_dir(target, fill)
 
     # -- logging -------------------------------------------------------------------------------
-    def _log(self, row: dict, writer) -> None:
+    def _log(self, logged: dict[str, float], lrs: dict[str, float], writer) -> dict:
+        """Append one metrics.jsonl line (and TensorBoard scalars); returns the row."""
+        images, since = self._window
+        now = time.perf_counter()
+        self._window = (0, now)
+        row = {"step": self.step, "lr": lrs["student"] if len(lrs) == 1 else lrs, **logged}
+        row["images_per_s"] = images / max(now - since, 1e-9)
+        row["data/skipped"] = self.loader.stats()["skipped"]  # unreadable files so far
         if self.rank:
-            return
+            return row
         with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     writer.add_scalar(k, v, self.step)
+        return row
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard or self.rank:
