@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,25 @@ def test_replay_view_is_exact() -> None:
     for flag in (lambda p: p["flip"], lambda p: p["jitter"] is not None, lambda p: p["blur_sigma"] > 0):
         assert {bool(flag(p)) for p in params} == {True, False}
     assert any(p["solarize"] for p in params)
+
+
+def test_truncated_tar_shard_keeps_readable_members(tmp_path: Path) -> None:
+    shard = tmp_path / "cut.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            data = _png_bytes(i, 48)
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(shard) as tar:
+        third = tar.getmembers()[2]
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: third.offset_data + third.size // 2])  # cut inside the third image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a damaged shard warns; the run goes on
+        loader = build_loader(_cfg(SourceSpec(name="t", type="tar", path=str(shard))), 4, VIEW, 0)
+    batches = _take(loader, 3)
+    keys = set(_all_keys(batches))
+    assert {"t:cut.tar/0000.png", "t:cut.tar/0001.png"} <= keys and not any("0003" in k for k in keys)
+    assert len(loader.sources[0]) == 3  # the cut member is indexed (its header is intact) ...
+    assert "t:cut.tar/0002.png" not in keys and loader.stats()["skipped"] > 0  # ... and skipped

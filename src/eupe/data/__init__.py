@@ -1,8 +1,8 @@
 """Image sources, mixing, augmentation, resolution pyramids, the teacher-feature cache."""
 
-from .augment import apply_params, replay_view, sample_params
+from .augment import apply_params, make_view, replay_view, sample_params
 from .config import AugmentConfig, DataConfig, SourceSpec, validate_data
-from .loader import Batch, Loader, build_loader
+from .loader import Batch, Loader, build_loader, load_source_image, open_sources
 from .sources import IMAGE_EXTENSIONS, BadImage, decode_image, open_source, synthetic_image
 
 __all__ = [
@@ -15,6 +15,9 @@ __all__ = [
     "SourceSpec",
     "apply_params",
     "build_loader",
+    "load_source_image",
+    "make_view",
+    "open_sources",
     "decode_image",
     "open_source",
     "replay_view",

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from ..errors import EupeError
-from .augment import apply_params, sample_params, to_tensor01
+from .augment import make_view
 from .config import AugmentConfig, DataConfig, validate_data
 from .sources import BadImage, Source, open_source
 
@@ -93,7 +94,8 @@ class _Plan:
         key = (name, epoch)
         if key not in self._perm:
             sid = STREAMS.index(name)
-            self._perm = {key: np.random.default_rng([self.seed, sid, epoch, 0xE9]).permutation(n)}
+            perm = np.random.default_rng([self.seed, sid, epoch, 0xE9]).permutation(n)
+            self._perm = {key: perm.astype(np.uint32) if n < 2**32 else perm}  # half the memory
         return int(self._perm[key][offset])
 
     def next(self) -> tuple[str, int, list[tuple[int, int, int, int]]]:
@@ -146,10 +148,8 @@ class _Views(torch.utils.data.Dataset):
                 f"data: {MAX_REPLACEMENTS + 1} unreadable images in a row (last: {skipped[-1]['reason']}); "
                 "is the source mostly corrupt? check data.sources"
             )
-        rng = np.random.default_rng([self.seed, sid, position, 0xA6])
-        params = sample_params(rng, self.aug, image.width, image.height)
+        view, params = make_view(image, self.aug, self.size, [self.seed, sid, position, 0xA6])
         params.update(source=src, source_name=source.spec.name, key=source.keys[idx], index=idx)
-        view = apply_params(to_tensor01(image), params, self.size)
         return view, params, skipped
 
 
@@ -185,7 +185,7 @@ class Loader:
             raise EupeError(f"build_loader: rank {rank} is outside world_size {world_size}")
         self.cfg, self.batch_size, self.view_size, self.seed = cfg, batch_size, view_size, seed
         self.rank, self.world_size = rank, world_size
-        self.sources = [open_source(s, seed) for s in cfg.sources]
+        self.sources = open_sources(cfg, seed)
         sizes = [len(s) for s in self.sources]
         curated = [i for i, s in enumerate(cfg.sources) if s.curated]
         pool = [i for i, s in enumerate(cfg.sources) if not s.curated]
@@ -272,9 +272,26 @@ class Loader:
             "epoch": {name: self.plan.pos[name] / len(s) for name, s in self.streams.items()},
         }
 
-    def load_source_image(self, params: dict[str, Any]) -> Any:
+    def load_source_image(self, params: dict[str, Any]) -> Image.Image:
         """Decode the item a view was cut from (for `replay_view`)."""
-        return self.sources[int(params["source"])].load(int(params["index"]))
+        return load_source_image(self.sources, params)
+
+
+def open_sources(cfg: DataConfig, seed: int = 0) -> list[Source]:
+    """Index every configured source, in config order (`params["source"]` indexes this list)."""
+    return [open_source(s, seed) for s in cfg.sources]
+
+
+def load_source_image(sources: list[Source], params: dict[str, Any]) -> Image.Image:
+    """Decode the image a recorded view was cut from; errors if the source changed since."""
+    source = sources[int(params["source"])]
+    index = int(params["index"])
+    if index >= len(source) or source.keys[index] != params["key"]:
+        raise EupeError(
+            f"data: source {source.spec.name!r} no longer has {params['key']!r} at index {index}; "
+            "the dataset changed since the view was recorded"
+        )
+    return source.load(index)
 
 
 def build_loader(

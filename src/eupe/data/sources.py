@@ -13,10 +13,11 @@ import io
 import math
 import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import ConfigError
 from .config import SourceSpec
@@ -40,7 +41,7 @@ def decode_image(data: bytes | str | os.PathLike, what: str) -> Image.Image:
         with Image.open(data if isinstance(data, (str, os.PathLike)) else io.BytesIO(data)) as img:
             img.load()
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # PIL raises many types on damaged files (OSError, SyntaxError, struct.error...)
         raise BadImage(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if rgb.width < 2 or rgb.height < 2:
         raise BadImage(f"{what}: image too small ({rgb.width}x{rgb.height})")
@@ -137,10 +138,13 @@ class TarSource(Source):
                         if m.isfile() and _is_image(m.name):
                             self._keys.append(f"{os.path.basename(shard)}/{m.name}")
                             self._where.append((s, m.offset_data, m.size))
-            except tarfile.ReadError as e:
-                # A damaged shard keeps the members read before the damage; the rest are lost.
-                print(
-                    f"warning: data source {spec.name!r}: shard {shard} is unreadable past some point ({e})"
+            except (tarfile.TarError, EOFError, OSError) as e:
+                # A damaged shard keeps the members indexed before the damage; the rest are lost.
+                kept = sum(1 for w in self._where if w[0] == s)
+                warnings.warn(
+                    f"data source {spec.name!r}: shard {shard} is damaged; using the {kept} members "
+                    f"before the damage ({e})",
+                    stacklevel=2,
                 )
 
     @property
