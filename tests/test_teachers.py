@@ -193,7 +193,9 @@ class _TinyCnn(nn.Module):
         return self.last(torch.relu(self.mid(torch.relu(self.stem(x))))).mean(dim=(2, 3))
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the small, fast TorchScript exporter is enough here
+@pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning"
+)  # the small, fast TorchScript exporter is enough here
 def test_onnx_teacher_intermediate_tensor(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
@@ -227,6 +229,10 @@ def test_onnx_teacher_intermediate_tensor(tmp_path: Path) -> None:
     assert torch.allclose(
         pooled(views).cls, fmap.flatten(2).mean(-1), atol=1e-5
     )  # no cls output: mean-pooled
+    bgr_spec = TeacherSpec(backend="onnx", model=str(path), patches=mid, kwargs={"channel_order": "BGR"})
+    with torch.no_grad():
+        bgr_map = net.mid(torch.relu(net.stem(images.flip(1))))  # OpenCV-trained experts want BGR
+    assert torch.allclose(build_teacher_from_spec("e", bgr_spec)(views).patch_map(), bgr_map, atol=1e-5)
     with pytest.raises(ConfigError, match="no tensor named"):
         build_teacher_from_spec("expert", TeacherSpec(backend="onnx", model=str(path), patches="nope"))
 

@@ -7,8 +7,9 @@ as an extra graph output (after shape inference) before the session is created.
 Spec fields: `model` (the .onnx file), `patches` (tensor name; "final" = the first graph output),
 `summary` (a tensor name for the class token; "" or "mean" = mean-pooled patch tokens),
 `resolution` (default: the model's static input side), `mean`/`std` (default ImageNet), and
-`kwargs`: `input_name` (default: the first graph input) and `num_prefix` (tokens to drop before
-the patches when the tensor is a [B, N, C] token sequence).
+`kwargs`: `input_name` (default: the first graph input), `num_prefix` (tokens to drop before
+the patches when the tensor is a [B, N, C] token sequence), `channel_order` ("RGB" or "BGR", for
+models trained on OpenCV images) and `threads` (onnxruntime intra-op threads; 0 = its default).
 
 A [B, C, h, w] tensor becomes h*w patch tokens; a [B, N, C] tensor is taken as tokens on a square
 grid. The teacher's stride is resolution / grid side, measured by one dry run at build time.
@@ -92,10 +93,16 @@ class OnnxTeacher(Teacher):
         input_name: str | None = None,
         num_prefix: int = 0,
         threads: int = 0,
+        channel_order: str = "RGB",
     ):
         import onnx
         import onnxruntime as ort
 
+        if channel_order not in ("RGB", "BGR"):
+            raise ConfigError(
+                f"onnx teacher: kwargs.channel_order must be 'RGB' or 'BGR'; got {channel_order!r}"
+            )
+        bgr = channel_order == "BGR"
         if not path or not os.path.isfile(path):
             raise ConfigError(
                 f"onnx teacher: model={path!r} is not a file; point it at the expert's .onnx file"
@@ -136,6 +143,7 @@ class OnnxTeacher(Teacher):
         stride = resolution // grid[0]
         super().__init__(resolution, stride, tuple(mean) or IMAGENET_MEAN, tuple(std) or IMAGENET_STD, None)
         self.path = path
+        self.bgr = bgr
         self.patch_dim = int(patch_tokens.shape[-1])
         self.cls_dim = int(dry[1].reshape(1, -1).shape[1]) if self.cls_name else self.patch_dim
 
@@ -149,6 +157,8 @@ class OnnxTeacher(Teacher):
         return self.session.run(names, {self.input_name: images})
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
+        if self.bgr:  # mean/std are given in RGB order and applied before the swap
+            images = images.flip(1)
         arrays = self._run(images.detach().float().cpu().numpy())
         patches, grid = _as_tokens(arrays[0], self.num_prefix)
         if self.cls_name:
@@ -174,7 +184,8 @@ def build_onnx_teacher(
 ) -> OnnxTeacher:
     """`model` (or `checkpoint`) is the .onnx file; `dtype` is ignored (onnxruntime runs the graph as stored)."""
     extra = dict(kwargs or {})
-    unknown = sorted(set(extra) - {"input_name", "num_prefix", "threads"})
+    known = {"input_name", "num_prefix", "threads", "channel_order"}
+    unknown = sorted(set(extra) - known)
     if unknown:
-        raise ConfigError(f"onnx teacher: unknown kwargs {unknown}; known: input_name, num_prefix, threads")
+        raise ConfigError(f"onnx teacher: unknown kwargs {unknown}; known: {', '.join(sorted(known))}")
     return OnnxTeacher(model or checkpoint or "", patches, summary, resolution, mean, std, **extra)
