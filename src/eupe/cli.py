@@ -251,11 +251,141 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eupe cost ---------------------------------------------------------------------------------
+def _cmd_cost(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "cost",
+        "inference cost table (paper Table 11): params, GFLOPs per image, measured CPU latency",
+        """
+        eupe cost                                  # the six students at 256 and 512, eager latency
+        eupe cost eupe_vits16 --sizes 256 --runtimes eager,onnx,executorch --runs 20 --threads 2
+        eupe cost eupe_proxy_g16 vit_pe_core_gigantic_patch14_448 --sizes 256 512   # FLOPs only
+        eupe cost --json cost.json --output-dir results/cost
+    """,
+    )
+    p.add_argument(
+        "models",
+        nargs="*",
+        help="zoo names, save_pretrained folders or timm names (default: the six students)",
+    )
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[256, 512], help="square input sizes (default 256 512)"
+    )
+    p.add_argument(
+        "--runtimes", default="eager", help="comma list of eager,compile,onnx,executorch,pt2 (default eager)"
+    )
+    p.add_argument(
+        "--runs", type=int, default=10, help="timed runs per cell; the median is reported (default 10)"
+    )
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch/onnxruntime/XNNPACK threads (default: torch's)"
+    )
+    p.add_argument("--json", metavar="PATH", help="write the table as JSON here")
+    p.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        default="eupe_cost",
+        help="writes cost.json + cost.md (default eupe_cost)",
+    )
+    p.set_defaults(run=_run_cost)
+
+
+def _run_cost(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .deploy.cost import cost_table, save_table, to_markdown
+    from .models import STUDENTS
+
+    table = cost_table(
+        args.models or STUDENTS,
+        args.sizes,
+        [r.strip() for r in args.runtimes.split(",") if r.strip()],
+        args.runs,
+        args.warmup,
+        args.threads,
+    )
+    print(to_markdown(table))
+    for path in save_table(table, Path(args.json) if args.json else None, Path(args.output_dir)):
+        print(f"wrote {path}")
+    return 0
+
+
+# --- eupe export -------------------------------------------------------------------------------
+def _cmd_export(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "export",
+        "export an encoder to ONNX, ExecuTorch (XNNPACK) or torch.export, verified against eager fp32",
+        """
+        eupe export eupe_vits16 --weights eupe_vits16.pth --format onnx --size 256
+        eupe export runs/s3/final --format executorch --size 256 --output vits16.pte
+        eupe export eupe_convnext_tiny --format onnx --size 512 --dynamic
+        eupe export eupe_vitt16 --format executorch --size 256 --quantize int8
+        eupe export eupe_vitt16 --format pt2 --size 224   # torch.export.load("eupe_vitt16_224.pt2")
+    """,
+    )
+    p.add_argument("model", help="zoo name or save_pretrained folder")
+    p.add_argument("--format", required=True, choices=["onnx", "executorch", "pt2"])
+    p.add_argument(
+        "--size", type=int, default=256, help="square input size, a multiple of the stride (default 256)"
+    )
+    p.add_argument("--dynamic", action="store_true", help="symbolic batch/height/width (see docs/deploy.md)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    p.add_argument(
+        "--output", metavar="PATH", help="artifact path (default MODEL_SIZE.ext); sidecar PATH.json"
+    )
+    p.add_argument("--weights", metavar="PATH", help="checkpoint for a zoo name (without it: random init)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 PT2E (XNNPACK quantizer), executorch only")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff vs eager fp32 (default 1e-4)")
+    p.add_argument(
+        "--min-cosine", type=float, default=0.9, help="int8: min cosine similarity to fp32 (default 0.9)"
+    )
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .deploy.export import export_model
+    from .models import ZOO, create_model
+
+    model = create_model(args.model, weights=args.weights)
+    if args.weights is None and args.model in ZOO:
+        print(
+            f"note: {args.model} has random weights; pass --weights to export a trained model",
+            file=sys.stderr,
+        )
+    result = export_model(
+        model,
+        args.format,
+        args.size,
+        args.output,
+        args.dynamic,
+        args.batch,
+        args.quantize,
+        args.tolerance,
+        args.min_cosine,
+        source=args.model,
+    )
+    info = result.info
+    print(f"wrote {result.artifact} ({info['bytes'] / 1e6:.1f} MB) and {result.sidecar}")
+    print(
+        f"verified in {info['runtime']}: max abs diff {result.max_abs_diff:.2e} on {info['verification']['inputs']}"
+    )
+    if info.get("quantization"):
+        print(f"int8 cosine similarity to fp32: {info['quantization']['cosine_to_fp32']}")
+    if info.get("non_delegated_ops"):
+        print(f"note: ops on ExecuTorch portable kernels (not XNNPACK): {info['non_delegated_ops']}")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_models,
     _cmd_distill,
     _cmd_eval,
     _cmd_plan,
+    _cmd_cost,
+    _cmd_export,
 ]
 
 
