@@ -180,21 +180,22 @@ class SyntheticSource(Source):
 def synthetic_image(seed: int, index: int, size: int) -> np.ndarray:
     """A [size, size, 3] uint8 image: a colour gradient, a few rectangles/ellipses, light noise."""
     rng = np.random.default_rng([seed, index, 0x5EED])
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    axis = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    yy, xx = axis[:, None], axis[None, :]
     angle = rng.uniform(0, 2 * math.pi)
-    t = np.cos(angle) * xx + np.sin(angle) * yy
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
+    t = (np.float32(math.cos(angle)) * xx + np.float32(math.sin(angle)) * yy)[..., None]
+    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+    img = c0 + (c1 - c0) * t  # [size, size, 3] float32
     for _ in range(int(rng.integers(1, 5))):
         cx, cy = rng.uniform(0, 1, 2)
         rx, ry = rng.uniform(0.05, 0.35, 2)
-        colour = rng.uniform(0, 255, 3)
+        colour = rng.uniform(0, 255, 3).astype(np.float32)
         if rng.random() < 0.5:
             mask = (np.abs(xx - cx) < rx) & (np.abs(yy - cy) < ry)
         else:
             mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
         img[mask] = colour
-    img += rng.normal(0, 8, img.shape)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 8
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
