@@ -40,13 +40,15 @@ class OnnxFeature:
     where: str
 
 
-# Measured on the shipped graph at 256x256 input (see docs/demo.md for the candidates compared).
-# The neck's stride-16 top-down merge: backbone stride-16 lateral + upsampled stride-32 lateral.
+# Chosen by a linear text probe on rendered text (benchmarks/demo_experts.py, docs/demo.md): the
+# backbone's last stride-16 block scored best of the stride-16 candidates (text-line IoU 0.74 vs
+# 0.72 for the neck's stride-16 merge p2o.Add.249 and 0.26 for the 1-channel output), and stride 16
+# matches the ViT students' patch grid.
 OCR_FEATURE = OnnxFeature(
-    tensor="p2o.Add.249",
-    channels=96,
+    tensor="p2o.Add.147",
+    channels=192,
     stride=16,
-    where="RSEFPN neck, stride-16 level after top-down merge (in 96ch lateral + upsampled stride-32)",
+    where="PP-LCNetV3 backbone, output of the last stride-16 block (input of the stride-32 stage)",
 )
 OCR_OUTPUT = "sigmoid_0.tmp_0"  # [N,1,H,W] text probability (DB head), full resolution
 OCR_RESOLUTION = 256
