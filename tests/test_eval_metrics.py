@@ -144,3 +144,21 @@ def test_results_json_round_trip(tmp_path):
     data = json.loads(path.read_text())
     assert set(data) >= {"task", "metric", "value", "model", "dataset", "settings", "extra", "status"}
     assert read_result(tmp_path / "out").value == 0.5 and data["extra"]["x"] == 1.5
+
+
+def test_zero_shot_applies_the_clip_visual_projection_only_when_widths_differ():
+    from types import SimpleNamespace
+
+    from eupe.eval.zeroshot import _to_text_space, zero_shot_logits
+
+    proj = torch.randn(6, 4)
+    clip = SimpleNamespace(visual=SimpleNamespace(proj=proj))
+    emb = torch.randn(3, 6)
+    out, used = _to_text_space(emb, clip, 4)
+    assert used and torch.allclose(out, emb @ proj)
+    same, used = _to_text_space(out, clip, 4)
+    assert not used and same is out
+    # softmax over scaled cosine similarities: the closest class wins
+    classifier = torch.nn.functional.normalize(torch.eye(4)[:3], dim=-1)
+    logits = zero_shot_logits(torch.tensor([[0.1, 2.0, 0.0, 0.0]]), classifier, 100.0)
+    assert logits.argmax().item() == 1 and logits[0, 1] == pytest.approx(100 * 2.0 / np.hypot(0.1, 2.0))

@@ -15,9 +15,19 @@ import torch
 import torch.nn.functional as F
 
 import eupe.eval as ev
+from eupe.errors import ConfigError
 from eupe.eval.models import EvalModel, load_model
 
 from .test_eval_data import ColorEncoder, make_ade20k, make_class_folders, make_nyu, make_spair, tiny_encoder
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_knn_colour_coded_is_perfect_and_shuffled_labels_are_chance(tmp_path):
@@ -124,7 +134,7 @@ def test_zeroshot_through_a_fitted_adapter_head_and_teacher_norm(tmp_path):
     norm._buf("clip_t", "cls_mean").copy_(mean)
     norm._buf("clip_t", "cls_std").copy_(std)
     opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
-    for _ in range(150):
+    for _ in range(100):
         emb = heads.cls["clip_t"](feats) * std + mean
         loss = F.cross_entropy(100 * F.normalize(emb, dim=-1) @ classifier.T, labels)
         opt.zero_grad()
@@ -136,6 +146,23 @@ def test_zeroshot_through_a_fitted_adapter_head_and_teacher_norm(tmp_path):
     common.update(resolution=32, resize=32, num_workers=0)
     r = ev.zeroshot(student, tmp_path / "data", **common)
     assert r.status == "ok" and r.value == pytest.approx(1.0), r
+    # a Stage-2/3 student only has a "proxy" head; chaining it with the proxy's own text-aligned
+    # head ("proxy>clip_t", the proxy's folder in chain_dirs) reaches the text space too
+    student_dir = tmp_path / "student"
+    student_dir.mkdir()
+    to_proxy = TeacherHeads(16, {"proxy": (16, 16)}, hidden_dim=64)
+    opt = torch.optim.Adam(to_proxy.parameters(), lr=1e-2)
+    for _ in range(100):  # the proxy's cls here is the ColorEncoder's: learn the identity
+        loss = F.mse_loss(to_proxy.cls["proxy"](feats), feats)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    to_proxy.save(student_dir)
+    chained = EvalModel(**{**model.__dict__, "heads_dir": student_dir})
+    r = ev.zeroshot(chained, tmp_path / "data", teacher="proxy>clip_t", chain_dirs=[str(tmp_path)], **common)
+    assert r.value >= 0.8, r
+    with pytest.raises(ConfigError, match="chain_dirs"):
+        ev.zeroshot(chained, tmp_path / "data", teacher="proxy>clip_t", **common)
     # without undoing TeacherNorm the projected embeddings point elsewhere
     (tmp_path / "teacher_norm.safetensors").unlink()
     assert ev.zeroshot(student, tmp_path / "data", **common).value < 0.5

@@ -71,6 +71,9 @@ class SuiteConfig:
     settings: dict[str, Any] = field(default_factory=dict)
     skip_existing: bool = True
     title: str = "Evaluation suite"
+    # free-form values for ${...} interpolation in the entries above (data paths, weight files)
+    paths: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
 
 
 def load_suite_config(path: str | Path, overrides: list[str] | None = None) -> SuiteConfig:

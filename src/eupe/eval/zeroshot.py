@@ -28,7 +28,9 @@ from .models import EvalModel, load_model
 
 @dataclass
 class ZeroShotSettings:
-    teacher: str = ""  # adapter-head name; "" = the only one in heads.safetensors; "none" = raw cls
+    teacher: str = ""  # adapter-head name; "" = the only one in heads.safetensors; "none" = raw cls;
+    # "proxy>pe_core_g" = this model's proxy head, then the proxy's pe_core_g head (see chain_dirs)
+    chain_dirs: list[str] = field(default_factory=list)  # heads folders for the hops after the first
     text_model: str = ""  # open_clip model name, e.g. PE-Core-B-16 or ViT-B-16
     text_weights: str = ""  # local open_clip checkpoint for text_model ("" = random, tests only)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
@@ -89,29 +91,25 @@ def zero_shot_logits(image_emb: torch.Tensor, classifier: torch.Tensor, scale: f
     return scale * F.normalize(image_emb.float(), dim=-1) @ classifier.T
 
 
-def _projector(m: EvalModel, teacher: str):
-    """cls -> teacher embedding space, or a reason string when this model has no such head."""
-    if teacher == "none":
-        return lambda x: x
-    if m.heads_dir is None:
-        return "no adapter heads (heads.safetensors) next to the model; zero-shot needs the head of a text-aligned teacher"
+def _one_hop(heads_dir: Path, teacher: str, device: torch.device):
+    """cls -> `teacher`'s raw cls space through the heads in `heads_dir`, or a reason string."""
     from ..distill.heads import TeacherHeads
 
-    heads = TeacherHeads.load(m.heads_dir).to(m.device).eval()
+    heads = TeacherHeads.load(heads_dir).to(device).eval()
     names = list(heads.teacher_dims)
     if not teacher:
         if len(names) != 1:
             raise ConfigError(
-                f"{m.heads_dir}: several adapter heads ({', '.join(names)}); pick one with teacher=NAME"
+                f"{heads_dir}: several adapter heads ({', '.join(names)}); pick one with teacher=NAME"
             )
         teacher = names[0]
     if teacher not in names:
-        return f"no adapter head for teacher '{teacher}' (heads: {', '.join(names)})"
+        return f"no adapter head for teacher '{teacher}' in {heads_dir} (heads: {', '.join(names)})"
     norm = None
-    if (m.heads_dir / "teacher_norm.safetensors").is_file():
+    if (heads_dir / "teacher_norm.safetensors").is_file():
         from ..distill.norm import TeacherNorm
 
-        norm = TeacherNorm.load(m.heads_dir).to(m.device)
+        norm = TeacherNorm.load(heads_dir).to(device)
         if teacher not in norm.teachers:
             norm = None
     head = heads.cls[teacher]
@@ -125,6 +123,53 @@ def _projector(m: EvalModel, teacher: str):
     return project
 
 
+def _projector(m: EvalModel, teacher: str, chain_dirs: list[str]):
+    """cls -> the text-aligned teacher's space, or a reason string when this model cannot get there.
+
+    `teacher` may chain hops, "proxy>pe_core_g": this model's "proxy" head, then the "pe_core_g"
+    head saved with the proxy (its final/ folder, given in `chain_dirs`), as for a Stage-2/3
+    student whose only teacher is the Stage-1 proxy.
+    """
+    if teacher == "none":
+        return lambda x: x
+    if m.heads_dir is None:
+        return "no adapter heads (heads.safetensors) next to the model; zero-shot needs the head of a text-aligned teacher"
+    hops = teacher.split(">") if teacher else [""]
+    if len(chain_dirs) != len(hops) - 1:
+        raise ConfigError(
+            f"teacher={teacher!r} has {len(hops) - 1} hop(s) after the model's own head; give as many "
+            f"heads folders in chain_dirs (got {len(chain_dirs)}), e.g. chain_dirs=[runs/stage1/final]"
+        )
+    steps = []
+    for heads_dir, hop in zip([m.heads_dir, *map(Path, chain_dirs)], hops):
+        step = _one_hop(Path(heads_dir), hop.strip(), m.device)
+        if isinstance(step, str):
+            return step
+        steps.append(step)
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return project
+
+
+def _to_text_space(emb: torch.Tensor, text_model: Any, text_dim: int) -> tuple[torch.Tensor, bool]:
+    """Apply the CLIP model's own visual projection when the head targets pre-projection features.
+
+    A teacher whose cls target is its pooled output before the projection (timm `pre_logits`)
+    gives heads of the pooled width; the open_clip model's `visual.proj` [width, text_dim] then
+    maps them into the text space.
+    """
+    if emb.shape[-1] == text_dim:
+        return emb, False
+    proj = getattr(getattr(text_model, "visual", None), "proj", None)
+    if isinstance(proj, torch.Tensor) and tuple(proj.shape) == (emb.shape[-1], text_dim):
+        return emb @ proj.to(emb.device, emb.dtype), True
+    return emb, False
+
+
 def zeroshot(
     model: Any,
     data: str | os.PathLike,
@@ -136,7 +181,7 @@ def zeroshot(
     s = resolve_settings(ZeroShotSettings, overrides)
     m = load_model(model, weights, s.device)
     root = Path(data) / s.val_split if (Path(data) / s.val_split).is_dir() else Path(data)
-    project = _projector(m, s.teacher)
+    project = _projector(m, s.teacher, s.chain_dirs)
     if isinstance(project, str):
         result = not_supported("zeroshot", "top1", m.name, str(data), s, project)
         result.extra["model_info"] = m.describe()
@@ -148,8 +193,9 @@ def zeroshot(
         classifier = text_classifier(text, tokenizer, read_classnames(val.classes, s.classnames), s.templates)
         tf = classification_transform(m, s.resolution, s.resize)
         feats, labels = extract_cls(m, val, tf, s.batch_size, s.num_workers, "zero-shot image features")
-        with torch.inference_mode():
+        with torch.no_grad():
             emb = project(feats)
+        emb, used_proj = _to_text_space(emb, text, classifier.shape[-1])
         if emb.shape[-1] != classifier.shape[-1]:
             raise ConfigError(
                 f"the projected cls has {emb.shape[-1]} dims but text tower '{s.text_model}' embeds "
@@ -169,6 +215,7 @@ def zeroshot(
                 "top5": float((top5 == labels[:, None]).any(1).float().mean()),
                 "num_val": len(val),
                 "num_classes": len(val.classes),
+                "visual_projection": used_proj,
                 "model_info": m.describe(),
             },
         )
