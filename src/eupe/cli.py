@@ -379,6 +379,31 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eupe demo ---------------------------------------------------------------------------------
+def _cmd_demo(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "demo",
+        "the EUPE recipe in miniature on bundled photos and two real experts (needs eupe[demo])",
+        """
+        eupe demo --quick                  # CI smoke run of the whole pipeline
+        eupe demo --output-dir demo-output # full run: report.md + results.json
+    """,
+    )
+    p.add_argument("--quick", action="store_true", help="same pipeline on less data and fewer steps")
+    p.add_argument("--output-dir", default="demo-output", help="where the run goes (default: ./demo-output)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo.pipeline import run_demo
+
+    results = run_demo(args.output_dir, quick=args.quick)
+    print(json.dumps(results["models"], indent=1))
+    print(f"report: {args.output_dir}/report.md")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_models,
     _cmd_distill,
@@ -386,6 +411,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_plan,
     _cmd_cost,
     _cmd_export,
+    _cmd_demo,
 ]
 
 
