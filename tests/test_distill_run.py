@@ -103,10 +103,21 @@ def test_stage3_draws_pyramid_scales_and_starts_from_stage2(runs):
     teacher = [r["resolution/proxy"] for r in rows]
     assert set(student) == set(teacher) == {32, 48, 64}  # every scale drawn by both
     assert student != teacher  # independently
-    # Stage 3's first loss is near Stage 2's last one (it starts from the Stage-2 student), far
-    # below Stage 2's first.
+    # Stage 3 continues the Stage-2 student and its heads: its first loss is far below Stage 2's first.
     s2, s3 = _metrics(runs["S2"]), _metrics(runs["S3"])
-    assert s3[0]["loss"] < s2[0]["loss"]
+    assert s3[0]["loss"] < s2[0]["loss"] / 2
+
+
+def test_init_heads_reused_only_where_they_fit(runs):
+    from eupe.distill.stages import load_matching_heads
+
+    init = runs["S2"] / "final"
+    saved = TeacherHeads.load(init)
+    same = TeacherHeads(saved.student_dim, saved.teacher_dims, saved.hidden_dim)
+    assert load_matching_heads(same, str(init)) == ["proxy"]
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), saved.state_dict().values()))
+    other = TeacherHeads(saved.student_dim, {"proxy": (7, 7), "new": (4, 4)}, saved.hidden_dim)
+    assert load_matching_heads(other, str(init)) == []
 
 
 KILL_SCRIPT = textwrap.dedent(

@@ -31,6 +31,7 @@ class StudentConfig:
     name: str = "eupe_vitb16"
     init: str | None = None
     resolution: int = 256  # input side in stage "fixed"; pyramid scales replace it in "pyramid"
+    init_heads: bool = True  # also start the adapter heads from init's heads.safetensors where they fit
     rope_rescale_coords: float | None = 2.0  # ViT training-time RoPE rescale (official recipe)
     overrides: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. drop_path_rate
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..models.loading import CONFIG_NAME, load_weights
 from ..models.zoo import ZOO
 from .checkpoint import load_state, save_state
 from .config import DistillConfig, StudentConfig
-from .heads import TeacherHeads
+from .heads import HEADS_FILE, TeacherHeads
 from .optim import CosineSchedule, build_optimizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,6 +62,27 @@ def build_student(cfg: StudentConfig, device: torch.device | str | None = None) 
     if cfg.init:
         load_weights(model, cfg.init)
     return model
+
+
+def load_matching_heads(heads: TeacherHeads, init: str) -> list[str]:
+    """Copy the heads of `init/heads.safetensors` whose teacher name and shapes match; returns their names.
+
+    Stage 3 fine-tunes the Stage-2 student against the same proxy, so its heads continue too
+    instead of starting from random projections that would first disturb the student.
+    """
+    if not (Path(init) / HEADS_FILE).is_file():
+        return []
+    old = TeacherHeads.load(init)
+    if (old.student_dim, old.hidden_dim) != (heads.student_dim, heads.hidden_dim):
+        return []
+    reused = [
+        t for t, dims in heads.teacher_dims.items() if tuple(old.teacher_dims.get(t, ())) == tuple(dims)
+    ]
+    with torch.no_grad():
+        for t in reused:
+            heads.cls[t].load_state_dict(old.cls[t].state_dict())
+            heads.patch[t].load_state_dict(old.patch[t].state_dict())
+    return reused
 
 
 def student_dim(model: Encoder) -> int:
@@ -116,6 +137,7 @@ class StudentState:
     heads: TeacherHeads
     optimizer: torch.optim.AdamW
     schedule: CosineSchedule
+    reused_heads: list[str] = field(default_factory=list)  # teachers whose heads came from student.init
 
     @classmethod
     def build(
@@ -128,10 +150,15 @@ class StudentState:
     ) -> StudentState:
         model = build_student(student_cfg, device).train()
         heads = TeacherHeads(student_dim(model), teacher_dims, cfg.heads.hidden_dim).to(device).train()
+        reused = (
+            load_matching_heads(heads, student_cfg.init)
+            if student_cfg.init and student_cfg.init_heads
+            else []
+        )
         t = cfg.train
         optimizer = build_optimizer([("model", model), ("heads", heads)], t.lr, t.weight_decay, t.betas)
         schedule = CosineSchedule(optimizer, t.lr, t.max_steps, t.warmup_steps, t.min_lr)
-        return cls(name, model, heads, optimizer, schedule)
+        return cls(name, model, heads, optimizer, schedule, reused)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [*self.model.parameters(), *self.heads.parameters()]
