@@ -229,3 +229,33 @@ def test_truncated_tar_shard_keeps_readable_members(tmp_path: Path) -> None:
     assert {"t:cut.tar/0000.png", "t:cut.tar/0001.png"} <= keys and not any("0003" in k for k in keys)
     assert len(loader.sources[0]) == 3  # the cut member is indexed (its header is intact) ...
     assert "t:cut.tar/0002.png" not in keys and loader.stats()["skipped"] > 0  # ... and skipped
+
+
+def test_one_pass_sharding_and_fresh_views_for_a_cache() -> None:
+    from eupe.data import load_source_image, make_view, open_sources, shard_items
+
+    cfg = _cfg(SourceSpec(name="a", size=7, image_size=32), SourceSpec(name="b", size=4, image_size=32))
+    sources = open_sources(cfg, seed=0)
+    shards = [list(shard_items(sources, r, 3)) for r in range(3)]
+    flat = [x for shard in shards for x in shard]
+    assert len(flat) == 11 and len(set(flat)) == 11 and max(map(len, shards)) - min(map(len, shards)) <= 1
+    s, i, key = shards[1][2]
+    image = sources[s].load(i)
+    view, params = make_view(image, cfg.augment, 16, [0, s, i, 3])  # view k=3 of this image
+    params.update(source=s, index=i, key=key)
+    assert torch.equal(replay_view(load_source_image(sources, params), params, 16), view)
+    assert not torch.equal(make_view(image, cfg.augment, 16, [0, s, i, 4])[0], view)
+
+
+def test_resume_on_another_world_size() -> None:
+    cfg = _cfg(SourceSpec(name="pool", size=40, image_size=32))
+    single = build_loader(cfg, 8, VIEW, seed=0)
+    _take(single, 2)
+    state = single.state_dict()
+    expected = sorted(_all_keys(_take(single, 2)))
+    got = []
+    for rank in range(2):
+        loader = build_loader(cfg, 4, VIEW, seed=0, rank=rank, world_size=2)
+        loader.load_state_dict(state)  # same global batch (2 x 4), continues at the same position
+        got += _all_keys(_take(loader, 2))
+    assert sorted(got) == expected

@@ -2,7 +2,7 @@
 
 from .augment import apply_params, make_view, replay_view, sample_params
 from .config import AugmentConfig, DataConfig, SourceSpec, validate_data
-from .loader import Batch, Loader, build_loader, load_source_image, open_sources
+from .loader import Batch, Loader, build_loader, load_source_image, open_sources, shard_items
 from .sources import IMAGE_EXTENSIONS, BadImage, decode_image, open_source, synthetic_image
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "open_source",
     "replay_view",
     "sample_params",
+    "shard_items",
     "synthetic_image",
     "validate_data",
 ]

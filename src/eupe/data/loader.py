@@ -282,6 +282,20 @@ def open_sources(cfg: DataConfig, seed: int = 0) -> list[Source]:
     return [open_source(s, seed) for s in cfg.sources]
 
 
+def shard_items(sources: list[Source], rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, int, str]]:
+    """Every item of every source exactly once over all ranks, as (source, index, key).
+
+    For one pass over a dataset (building the teacher-feature cache): global item g goes to rank
+    g % world_size, in config order, so shards are disjoint and balanced to within one item.
+    """
+    g = 0
+    for s, source in enumerate(sources):
+        for i, key in enumerate(source.keys):
+            if g % world_size == rank:
+                yield s, i, key
+            g += 1
+
+
 def load_source_image(sources: list[Source], params: dict[str, Any]) -> Image.Image:
     """Decode the image a recorded view was cut from; errors if the source changed since."""
     source = sources[int(params["source"])]
