@@ -159,6 +159,7 @@ def test_heads_shapes_for_every_student_teacher_pair(student):
         (["train.warmup_steps=100"], "train.warmup_steps=100 exceeds train.max_steps=30"),
         (["lr=1"], "invalid config: lr"),
         (["data.teacher_cache=x"], "data.teacher_cache='x'"),
+        (["teachers.a__b.model=vit_small_patch16_224"], "teachers.a__b: teacher names may use"),
         (["data.curated_prob=2"], "data.curated_prob must be in [0, 1]"),
     ],
 )

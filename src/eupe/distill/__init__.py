@@ -8,18 +8,20 @@ __all__ = [
     "NORM_FILE",
     "AdapterHead",
     "DistillConfig",
+    "Distiller",
     "TeacherHeads",
     "TeacherNorm",
     "distill",
     "distill_from_cli",
     "load_config",
     "resume",
+    "TrainingDiverged",
 ]
 
 
 def __getattr__(name: str):
     # The trainer pulls in teachers and data; import it only when asked for.
-    if name in ("distill", "distill_from_cli", "resume", "Distiller"):
+    if name in ("distill", "distill_from_cli", "resume", "Distiller", "TrainingDiverged"):
         from . import trainer
 
         return getattr(trainer, name)

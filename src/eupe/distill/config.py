@@ -9,6 +9,7 @@ students share one file of Stage-2 numbers. `validate()` turns every inconsisten
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,11 @@ def validate(cfg: DistillConfig) -> None:
     presets = known_teachers()
     for name, spec in cfg.teachers.items():
         key = f"teachers.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or "__" in name:
+            raise ConfigError(
+                f"{key}: teacher names may use letters, digits, '_' and '-' (no '__'); they name "
+                "adapter heads, TeacherNorm buffers and logged terms"
+            )
         if spec.backend == "eupe":
             if not (spec.checkpoint or spec.model):
                 raise ConfigError(
