@@ -138,7 +138,8 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
         eupe eval knn --model runs/s3/final --data /data/imagenet --output-dir out/knn
         eupe eval seg --model eupe_vitb16 --weights eupe_vitb16.pth --data /data/ADEChallengeData2016
         eupe eval pca --model eupe_vitt16,runs/s3/final --data photos/ --output-dir out/pca
-        eupe eval suite configs/eval/demo.yaml output_dir=out/suite
+        eupe eval suite configs/eval/paper_vitb16.yaml paths.imagenet=/data/in1k output_dir=out/suite
+        (every task's key=value settings and defaults: docs/eval.md)
     """,
     )
     tasks = p.add_subparsers(dest="eval_task", metavar="TASK")
@@ -147,7 +148,8 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
             tasks,
             task,
             help_text,
-            f"eupe eval {task} --model eupe_vitt16 --weights W.pth --data ROOT --output-dir out/{task} {example}",
+            f"eupe eval {task} --model eupe_vitt16 --weights W.pth --data ROOT --output-dir out/{task} {example}\n"
+            "(settings and their defaults: docs/eval.md)",
         )
         t.add_argument(
             "--model", required=True, help="final/ folder, zoo name, or timm name (pca: comma-separated)"
@@ -163,7 +165,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
         tasks,
         "suite",
         "run evaluations over models; write table.md and radar.png",
-        "eupe eval suite configs/eval/demo.yaml",
+        "eupe eval suite configs/eval/paper_vitb16.yaml paths.imagenet=/data/in1k weights.eupe=eupe_vitb16.pth",
     )
     s.add_argument("config", help="suite YAML (see configs/eval/)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output_dir=out")
