@@ -284,3 +284,29 @@ def test_timm_teacher_reads_official_layout(official_pth, zoo_name: str, timm_na
     images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     out, ref = teacher.encode(images), reference(images)
     assert torch.allclose(out.cls, ref.cls, atol=1e-5) and torch.allclose(out.patches, ref.patches, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_teacher_with_external_weights(tmp_path: Path) -> None:
+    """Large experts keep weights in external files; the edited graph must still find them."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    net = _TinyCnn().eval()
+    plain = tmp_path / "plain.onnx"
+    with torch.no_grad():
+        torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(plain), input_names=["image"], dynamo=False)
+    model = onnx.load(str(plain))
+    (tmp_path / "ext").mkdir()
+    onnx.save_model(
+        model,
+        str(tmp_path / "ext" / "m.onnx"),
+        save_as_external_data=True,
+        location="w.bin",
+        size_threshold=0,
+    )
+    mid = next(o for n in model.graph.node if n.name.startswith("/mid/") for o in n.output)
+    spec = TeacherSpec(backend="onnx", model=str(tmp_path / "ext" / "m.onnx"), patches=mid)
+    ext = build_teacher_from_spec("e", spec)
+    ref = build_teacher_from_spec("e", dataclasses.replace(spec, model=str(plain)))
+    views = _views(1, 32)
+    assert torch.equal(ext(views).patches, ref(views).patches)

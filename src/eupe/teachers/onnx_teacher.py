@@ -108,7 +108,9 @@ class OnnxTeacher(Teacher):
                 f"onnx teacher: model={path!r} is not a file; point it at the expert's .onnx file"
             )
         try:
-            graph = onnx.load(path)
+            graph = onnx.load(
+                path, load_external_data=False
+            )  # weights stay on disk; only the graph is edited
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
         first_output = graph.graph.output[0].name
@@ -133,6 +135,11 @@ class OnnxTeacher(Teacher):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Weights in external files (large experts, > 2 GB protobufs) stay on disk, found beside the
+        # original file while the edited graph itself is passed as bytes.
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", os.path.dirname(os.path.abspath(path))
+        )
         self.session = ort.InferenceSession(
             graph.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
         )
