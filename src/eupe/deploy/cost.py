@@ -107,14 +107,26 @@ def count_flops(model: nn.Module, size: int) -> tuple[float, list[int]]:
 
 def measure_latency(runner: rt.Runner, images: torch.Tensor, runs: int, warmup: int) -> float:
     """Median wall time in ms of `runs` calls after `warmup` untimed ones."""
+    return measure(runner, images, runs, warmup)["wall_ms"]
+
+
+def measure(runner: rt.Runner, images: torch.Tensor, runs: int, warmup: int) -> dict[str, float]:
+    """Median wall time and median CPU time of the calling thread, in ms.
+
+    With one thread every runtime computes in the calling thread, so its CPU time is the compute
+    time even when other processes compete for the cores (wall time then includes their share).
+    """
+    if runs < 1:
+        raise EupeError(f"runs must be >= 1, got {runs}")
     for _ in range(warmup):
         runner(images)
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         runner(images)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        cpu.append((time.thread_time() - start_cpu) * 1e3)
+        wall.append((time.perf_counter() - start) * 1e3)
+    return {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}
 
 
 def make_runner(runtime: str, model: nn.Module, size: int, workdir: Path, threads: int) -> rt.Runner:
@@ -156,8 +168,8 @@ def cost_table(
         for name in models:
             row = _flops_row(name, sizes)
             jobs.update(len(sizes))
-            measurable = name not in FLOPS_ONLY and row.params <= MAX_LATENCY_PARAMS
-            if not measurable:
+            measurable = name not in FLOPS_ONLY and row.params <= MAX_LATENCY_PARAMS and bool(runtimes)
+            if runtimes and not measurable:
                 row.notes.append("latency not measured: FLOPs on the meta device only (too large for a CPU)")
             for size in sizes:
                 if not measurable:
@@ -170,7 +182,11 @@ def cost_table(
                     if kind == "timm" and runtime != "eager":
                         _note(row, f"{runtime}: exported runtimes are measured for eupe models only")
                     else:
-                        runner = make_runner(runtime, model, size, Path(tmp), threads)
+                        runner = (
+                            rt.features_runner(model)
+                            if kind == "timm"
+                            else make_runner(runtime, model, size, Path(tmp), threads)
+                        )
                         ms = measure_latency(runner, images, runs, warmup)
                         row.latency_ms.setdefault(runtime, {})[size] = ms
                     jobs.update(1)

@@ -227,6 +227,16 @@ def eager_runner(model: nn.Module) -> Runner:
     return module_runner(ExportWrapper(model).eval())
 
 
+def features_runner(model: nn.Module) -> Runner:
+    """Eager `forward_features` of a plain timm model (the reference rows of the cost table)."""
+
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [model.forward_features(images)]
+
+    return run
+
+
 def compile_runner(model: nn.Module) -> Runner:
     return module_runner(torch.compile(ExportWrapper(model).eval(), dynamic=False))
 
