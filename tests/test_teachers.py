@@ -142,6 +142,8 @@ def test_norm_and_bf16_from_spec() -> None:
     assert custom.std.flatten().tolist() == [1.0, 1.0, 1.0]
     bf16 = build_teacher_from_spec("d", dataclasses.replace(DINO, dtype="bf16"))
     ref = build_teacher_from_spec("d", DINO)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # half the memory
+    assert all(b.dtype == torch.float32 for b in bf16.buffers() if b.is_floating_point())  # RoPE, mean/std
     out, ref_out = bf16(_views()), ref(_views())
     assert out.cls.dtype == torch.float32 and not torch.equal(out.cls, ref_out.cls)
     assert torch.nn.functional.cosine_similarity(out.patches, ref_out.patches, dim=-1).min() > 0.98
@@ -158,6 +160,8 @@ PAPER = {  # preset: (resolution, stride, cls_dim, patch_dim)
 
 def test_presets_on_meta_device() -> None:
     assert set(known_teachers()) == set(PAPER) == set(PRESETS)
+    big = build_teacher_from_spec("dinov3_7b", TeacherSpec(pretrained=False, dtype="bf16"), device="meta")
+    assert big.model.cls_token.is_meta and sum(p.numel() for p in big.parameters()) > 6e9
     with torch.device("meta"):
         for name, (res, stride, cls_dim, patch_dim) in PAPER.items():
             t = build_teacher_from_spec(name, TeacherSpec(pretrained=False))

@@ -40,6 +40,21 @@ def build_teacher(backend: str, **spec: Any) -> Teacher:
     return TEACHER_BACKENDS[backend](**spec)
 
 
+def _rng_devices() -> list[int]:
+    """Devices whose RNG a seeded teacher init must leave untouched (the run's own streams)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def weights_to_bf16(module: nn.Module) -> nn.Module:
+    """Store a frozen module's parameters in bf16 (half the memory of fp32), for `dtype: bf16`
+    teachers that run under bf16 autocast anyway. Buffers (RoPE tables, masks) stay fp32, so
+    positions keep full precision on large grids."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.bfloat16)
+    return module
+
+
 class Teacher(nn.Module):
     """Base class. Subclasses implement `encode(images)` on resized, normalized images.
 

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..models.encoder import EncoderOutput
 from ..models.loading import create_model
 from ..models.zoo import ZOO
-from .base import Teacher, register_teacher
+from .base import Teacher, _rng_devices, register_teacher, weights_to_bf16
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,7 +50,7 @@ class EupeTeacher(Teacher):
                 f"eupe teacher: {source!r} is neither a folder (expected <output_dir>/final with config.json) "
                 f"nor a zoo name ({', '.join(ZOO)})"
             )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=_rng_devices()):
             torch.manual_seed(seed)
             if source in ZOO:
                 encoder = create_model(source, weights=weights, **(overrides or {}))
@@ -66,6 +66,8 @@ class EupeTeacher(Teacher):
         )
         self.source = source
         self.encoder = encoder.eval().requires_grad_(False)
+        if dtype == "bf16":
+            weights_to_bf16(self.encoder)
         self.cls_dim = self.patch_dim = int(encoder.embed_dim)
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:

@@ -7,9 +7,12 @@ offline. Native resolutions follow the paper (section 4.1): 448 for PE-core/lang
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any
+
+import torch
 
 from ..errors import ConfigError
 from .base import TEACHER_BACKENDS, Teacher, build_teacher
@@ -75,8 +78,13 @@ def _as_spec(spec: Any) -> TeacherSpec:
     raise ConfigError(f"teacher spec must be a TeacherSpec or a mapping; got {type(spec).__name__}")
 
 
-def build_teacher_from_spec(name: str, spec: TeacherSpec | dict[str, Any], seed: int = 0) -> Teacher:
+def build_teacher_from_spec(
+    name: str, spec: TeacherSpec | dict[str, Any], seed: int = 0, device: str | torch.device | None = None
+) -> Teacher:
     """Build the frozen teacher `teachers.<name>` of a config: preset, validate, construct.
+
+    `device` builds the model directly there (a 7B teacher never materializes in CPU memory, and
+    random init runs on the GPU); "meta" builds without memory, for shapes and planning.
 
     Raises ConfigError naming the teacher for an unknown backend/model, a bad summary/patch
     source, or a resolution that is not a multiple of the patch size; CheckpointError for weights.
@@ -99,7 +107,8 @@ def build_teacher_from_spec(name: str, spec: TeacherSpec | dict[str, Any], seed:
     kw.pop("patch_weight")
     kw["mean"], kw["std"] = tuple(kw["mean"]), tuple(kw["std"])
     try:
-        teacher = build_teacher(backend, name=name, seed=seed, **kw)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            teacher = build_teacher(backend, name=name, seed=seed, **kw)
     except ConfigError as e:
         msg = str(e)
         if "multiple" in msg and spec.resolution is not None and name in PRESETS:

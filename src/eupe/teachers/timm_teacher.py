@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..models.encoder import EncoderOutput, feature_map_to_output
 from ..models.loading import read_state_dict
-from .base import Teacher, register_teacher
+from .base import Teacher, _rng_devices, register_teacher, weights_to_bf16
 
 SUMMARIES = ("cls", "head", "proj", "mean")
 
@@ -141,7 +141,7 @@ class TimmTeacher(Teacher):
         self.patch_block = _block_index(patches, "patches")
         if summary != "proj":
             kwargs.setdefault("num_classes", 0)  # no classifier: the teacher's targets are features
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=_rng_devices()):
             torch.manual_seed(seed)
             net = _create(model, pretrained and not checkpoint, kwargs, resolution)
         if checkpoint:
@@ -172,6 +172,8 @@ class TimmTeacher(Teacher):
         )
         self.model_name, self.summary, self.patches_source = model, summary, patches
         self.model = net.eval().requires_grad_(False)
+        if dtype == "bf16":
+            weights_to_bf16(self.model)
         self._check_summary()
         self.patch_dim = self._width(self.patch_block)
         if summary == "head":
