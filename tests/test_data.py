@@ -259,3 +259,16 @@ def test_resume_on_another_world_size() -> None:
         loader.load_state_dict(state)  # same global batch (2 x 4), continues at the same position
         got += _all_keys(_take(loader, 2))
     assert sorted(got) == expected
+
+
+def test_fast_ops_match_torchvision() -> None:
+    import torchvision.transforms.v2.functional as TF
+
+    from eupe.data.augment import adjust_hue, gaussian_blur
+
+    image = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(0))
+    for shift in (-0.5, -0.1, 0.0, 0.07, 0.3):
+        assert torch.allclose(adjust_hue(image, shift), TF.adjust_hue(image, shift), atol=1e-5)
+    assert torch.allclose(
+        gaussian_blur(image, 1.3, 9), TF.gaussian_blur(image, [9, 9], [1.3, 1.3]), atol=1e-5
+    )
