@@ -272,3 +272,11 @@ def test_fast_ops_match_torchvision() -> None:
     assert torch.allclose(
         gaussian_blur(image, 1.3, 9), TF.gaussian_blur(image, [9, 9], [1.3, 1.3]), atol=1e-5
     )
+
+
+def test_folder_with_a_symlink_cycle(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(_png_bytes(0))
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    loader = build_loader(_cfg(SourceSpec(name="f", type="folder", path=str(tmp_path))), 2, VIEW, 0)
+    assert loader.sources[0].keys == ["a/x.png"]

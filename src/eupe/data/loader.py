@@ -211,6 +211,7 @@ class Loader:
             num_workers=self.cfg.num_workers,
             collate_fn=_collate,
             persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),  # so the trainer's non_blocking copy overlaps
         )
         return iter(loader)
 

@@ -75,7 +75,13 @@ class FolderSource(Source):
             raise ConfigError(f"data source {spec.name!r}: folder {spec.path!r} does not exist")
         self.root = root
         found = []
+        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:  # a symlink cycle (or a second link to the same folder): walk it once
+                dirnames.clear()
+                continue
+            seen.add(real)
             dirnames.sort()
             rel = os.path.relpath(dirpath, root)
             found += [os.path.normpath(os.path.join(rel, f)) for f in filenames if _is_image(f)]
