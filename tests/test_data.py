@@ -280,3 +280,14 @@ def test_folder_with_a_symlink_cycle(tmp_path: Path) -> None:
     (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
     loader = build_loader(_cfg(SourceSpec(name="f", type="folder", path=str(tmp_path))), 2, VIEW, 0)
     assert loader.sources[0].keys == ["a/x.png"]
+
+
+def test_reduced_jpeg_decode_is_replayable(tmp_path: Path) -> None:
+    big = Image.fromarray(synthetic_image(3, 0, 64)).resize((800, 600))
+    big.save(tmp_path / "big.jpg", quality=90)
+    cfg = _cfg(SourceSpec(name="f", type="folder", path=str(tmp_path)), decode_min_side=128)
+    loader = build_loader(cfg, 2, VIEW, 0)
+    batch = next(loader)
+    assert batch.params[0]["image_size"] == [200, 150]  # 1/4 scale: the smallest with sides >= 128
+    view = replay_view(loader.load_source_image(batch.params[0]), batch.params[0], VIEW)
+    assert torch.equal(view, batch.views[0])

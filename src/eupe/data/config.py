@@ -64,6 +64,9 @@ class DataConfig:
         (paper section 3.4: 10% ImageNet); ignored when no source is curated.
     num_workers: DataLoader worker processes for decoding + augmentation (0: in the main process).
         Results do not depend on it.
+    decode_min_side: > 0 lets large JPEGs decode at 1/2, 1/4 or 1/8 scale while both sides stay
+        >= this many pixels (much faster for multi-megapixel photos; 0 decodes at full size). Set
+        it to at least the largest view side you train at.
     teacher_cache: a teacher-feature cache folder to read targets from instead of running teachers
         (see `eupe cache-teacher`); None runs the teachers live.
     """
@@ -72,6 +75,7 @@ class DataConfig:
     curated_prob: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0
+    decode_min_side: int = 0
     teacher_cache: str | None = None
 
 
@@ -101,6 +105,10 @@ def validate_data(cfg: DataConfig) -> None:
             raise ConfigError(f"{key}.name={s.name!r} is used by more than one source; names must be unique")
     if not 0.0 <= cfg.curated_prob <= 1.0:
         raise ConfigError(f"data.curated_prob must be in [0, 1]; got {cfg.curated_prob}")
+    if cfg.decode_min_side < 0:
+        raise ConfigError(
+            f"data.decode_min_side must be >= 0 (0 = full-size decode); got {cfg.decode_min_side}"
+        )
     if cfg.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0; got {cfg.num_workers}")
     a = cfg.augment

@@ -280,7 +280,7 @@ class Loader:
 
 def open_sources(cfg: DataConfig, seed: int = 0) -> list[Source]:
     """Index every configured source, in config order (`params["source"]` indexes this list)."""
-    return [open_source(s, seed) for s in cfg.sources]
+    return [open_source(s, seed, cfg.decode_min_side) for s in cfg.sources]
 
 
 def shard_items(sources: list[Source], rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, int, str]]:
