@@ -291,3 +291,16 @@ def test_reduced_jpeg_decode_is_replayable(tmp_path: Path) -> None:
     assert batch.params[0]["image_size"] == [200, 150]  # 1/4 scale: the smallest with sides >= 128
     view = replay_view(loader.load_source_image(batch.params[0]), batch.params[0], VIEW)
     assert torch.equal(view, batch.views[0])
+
+
+def test_data_check_finds_every_bad_file(tmp_path: Path) -> None:
+    from eupe.data.check import check_sources, save_preview
+
+    names = _write_folder(tmp_path / "imgs")
+    cfg = _cfg(SourceSpec(name="f", type="folder", path=str(tmp_path / "imgs")))
+    report = check_sources(cfg, progress=False)
+    assert report["checked"] == len(names) + 3 and report["bad"] == 3
+    assert {b["file"] for b in report["bad_files"]} == {f"f:{n}" for n in _bad_files()}
+    assert report["sources"][0]["min_side"]["median"] == 40
+    png = save_preview(cfg, tmp_path / "views.png", n=4, view_size=16)
+    assert Image.open(png).size == (2 * 18, 2 * 18)

@@ -406,6 +406,52 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eupe data-check ---------------------------------------------------------------------------
+def _cmd_data_check(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "data-check",
+        "decode every image of a config's data sources once; report unreadable files (JSON too)",
+        """
+        eupe data-check configs/tiny/stage1.yaml --preview views.png
+        eupe data-check my_stage2.yaml --workers 8 --json data_report.json
+        eupe data-check my_stage2.yaml data.sources.0.path=/data/imgs --limit 1000
+    """,
+    )
+    p.add_argument("config", help="distill YAML config; its data.* block is checked")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=4"
+    )
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
+    p.add_argument("--limit", type=int, help="check only the first N items of each source")
+    p.add_argument("--json", metavar="PATH", help="write the full report (every source, bad files) as JSON")
+    p.add_argument("--preview", metavar="PNG", help="also save a grid of 16 augmented views")
+    p.set_defaults(run=_run_data_check)
+
+
+def _run_data_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.check import check_sources, save_preview
+    from .distill.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    report = check_sources(cfg.data, workers=args.workers, limit=args.limit)
+    for s in report["sources"]:
+        print(
+            f"{s['name']:20s} {s['type']:9s} {s['items']:>9d} images  {s['bad']:>6d} unreadable  "
+            f"min side median {s['min_side']['median']}"
+        )
+    for entry in report["bad_files"][:10]:
+        print(f"  bad: {entry['reason']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"report: {args.json}")
+    if args.preview:
+        print(f"preview: {save_preview(cfg.data, args.preview, seed=cfg.seed)}")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_models,
     _cmd_distill,
@@ -414,6 +460,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_cost,
     _cmd_export,
     _cmd_demo,
+    _cmd_data_check,
 ]
 
 
