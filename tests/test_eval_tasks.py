@@ -56,13 +56,14 @@ def test_linear_seg_on_colour_coded_scenes(tmp_path):
         lr=0.05,
         warmup_iters=10,
         cache_views=2,
+        cache_refresh=40,
         num_workers=0,
         device="cpu",
     )
     assert r.task == "seg" and r.metric == "mIoU"
     assert r.value > 0.8 and r.extra["pixel_accuracy"] > 0.9, r.extra  # chance: ~0.25 mIoU
     assert r.extra["classes_present"] == 4
-    assert r.extra["cache_seconds"] > 0
+    assert r.extra["cache_seconds"] > 0 and r.extra["cache_builds"] == 2  # built, refreshed at step 40
 
 
 def test_linear_depth_learns_a_known_function_of_colour(tmp_path):

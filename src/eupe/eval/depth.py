@@ -50,6 +50,7 @@ class DepthSettings:
     max_depth: float = 10.0
     eigen_crop: bool = True
     cache_views: int = 0
+    cache_refresh: int = 0  # with cache_views: new augmentations every this many iterations (0 = never)
     num_workers: int = 4  # data-loading processes for the probe's training views
     max_val_images: int = 0
     train_list: str = "nyu_train.txt"
@@ -133,7 +134,15 @@ def depth(
         return sig_loss(pred, gt, s.min_depth, s.max_depth)
 
     sched = ProbeSchedule(
-        s.iterations, s.batch_size, s.lr, s.weight_decay, s.warmup_iters, s.cache_views, s.seed, s.num_workers
+        s.iterations,
+        s.batch_size,
+        s.lr,
+        s.weight_decay,
+        s.warmup_iters,
+        s.cache_views,
+        s.seed,
+        s.num_workers,
+        s.cache_refresh,
     )
     timing = train_probe(m, head, view, len(train), loss, sched, "depth probe")
     n = len(test) if s.max_val_images <= 0 else min(len(test), s.max_val_images)

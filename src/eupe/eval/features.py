@@ -3,7 +3,9 @@
 A probe's 40k iterations would otherwise run the backbone 640k times. Since the backbone is frozen,
 its patch features depend only on the (augmented) input, so `cache_views=V` computes features for
 V fixed augmented views of every training image once (V = 1: one pass, "once per epoch") and
-trains the head on batches drawn from that cache. The cost: fewer distinct augmentations.
+trains the head on batches drawn from that cache. The cost: fewer distinct augmentations, which
+`cache_refresh=R` softens by rebuilding the cache from fresh augmentations every R steps (R = the
+steps of one pass over the cache: "a new cache per epoch").
 `cache_views=0` recomputes the backbone on fresh augmentations every step (the paper's protocol).
 """
 
@@ -35,6 +37,7 @@ class ProbeSchedule:
     cache_views: int = 0
     seed: int = 0
     num_workers: int = 0
+    cache_refresh: int = 0  # rebuild the cache with fresh augmentations every this many steps (0: never)
 
 
 def patch_features(model: EvalModel, images01: torch.Tensor) -> torch.Tensor:
@@ -114,11 +117,21 @@ def train_probe(
     opt = torch.optim.AdamW(head.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
     gen = torch.Generator().manual_seed(sched.seed)
     cache = batches = None
-    if sched.cache_views > 0:
-        cache = FeatureCache(
-            model, view_fn, num_images, sched.cache_views, sched.batch_size, sched.seed, sched.num_workers
+    cache_seconds, cache_builds = 0.0, 0
+
+    def build_cache(seed: int) -> FeatureCache:
+        nonlocal cache_seconds, cache_builds
+        c = FeatureCache(
+            model, view_fn, num_images, sched.cache_views, sched.batch_size, seed, sched.num_workers
         )
-    else:
+        cache_seconds += c.seconds
+        cache_builds += 1
+        return c
+
+    if sched.cache_views > 0:
+        cache = build_cache(sched.seed)
+    first_build_seconds = cache_seconds
+    if cache is None:
         # the whole sampling order up front: item k of the run is image order[k], view seed k
         order = torch.randint(num_images, (sched.iterations * sched.batch_size,), generator=gen).numpy()
         batches = iter(_loader(_Views(view_fn, order, sched.seed), sched.batch_size, sched.num_workers))
@@ -129,6 +142,9 @@ def train_probe(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, sched.iterations, sched.warmup_iters, sched.lr)
         if cache is not None:
+            if sched.cache_refresh > 0 and step > 0 and step % sched.cache_refresh == 0:
+                cache = None  # free the old features before computing the new ones
+                cache = build_cache(sched.seed + step)
             idx = torch.randint(len(cache), (sched.batch_size,), generator=gen)
             feats, targets = cache.batch(idx, model.device)
         else:
@@ -143,11 +159,13 @@ def train_probe(
             loss_value = float(loss.detach())
             bar.set_postfix(loss=f"{loss_value:.4f}")
     head.eval()
-    train_seconds = time.perf_counter() - start
+    # the first cache build ran before `start`; refreshes ran inside the loop and count as cache time
+    loop_seconds = time.perf_counter() - start - (cache_seconds - first_build_seconds)
     return {
-        "train_seconds": train_seconds + (cache.seconds if cache else 0.0),
-        "cache_seconds": cache.seconds if cache else 0.0,
-        "seconds_per_iteration": train_seconds / max(1, sched.iterations),
+        "train_seconds": loop_seconds + cache_seconds,
+        "cache_seconds": cache_seconds,
+        "cache_builds": cache_builds,
+        "seconds_per_iteration": loop_seconds / max(1, sched.iterations),
         "final_loss": loss_value,
     }
 

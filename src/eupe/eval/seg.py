@@ -46,6 +46,7 @@ class SegSettings:
     scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale of the short side before cropping
     num_classes: int = 150
     cache_views: int = 0  # >0: train on cached features of this many fixed views per image
+    cache_refresh: int = 0  # with cache_views: new augmentations every this many iterations (0 = never)
     num_workers: int = 4  # data-loading processes for the probe's training views
     max_val_images: int = 0  # 0 = all
     train_split: str = "training"
@@ -155,7 +156,15 @@ def seg(
     dim = patch_features(m, torch.zeros(1, 3, m.stride, m.stride)).shape[1]
     head = LinearSegHead(dim, s.num_classes)
     sched = ProbeSchedule(
-        s.iterations, s.batch_size, s.lr, s.weight_decay, s.warmup_iters, s.cache_views, s.seed, s.num_workers
+        s.iterations,
+        s.batch_size,
+        s.lr,
+        s.weight_decay,
+        s.warmup_iters,
+        s.cache_views,
+        s.seed,
+        s.num_workers,
+        s.cache_refresh,
     )
     timing = train_probe(m, head, _train_view(train, s, m.stride), len(train), seg_loss, sched, "seg probe")
     n_val = len(val) if s.max_val_images <= 0 else min(len(val), s.max_val_images)
