@@ -415,7 +415,7 @@ def _cmd_data_check(sub: argparse._SubParsersAction) -> None:
         """
         eupe data-check configs/tiny/stage1.yaml --preview views.png
         eupe data-check my_stage2.yaml --workers 8 --json data_report.json
-        eupe data-check my_stage2.yaml data.sources.0.path=/data/imgs --limit 1000
+        eupe data-check my_stage2.yaml 'data.sources=[{name: imgs, type: folder, path: /data/imgs}]' --limit 1000
     """,
     )
     p.add_argument("config", help="distill YAML config; its data.* block is checked")
