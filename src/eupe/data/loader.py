@@ -14,7 +14,6 @@ parameters travel with the batch (`Batch.params`) so `replay_view` can rebuild i
 from __future__ import annotations
 
 import bisect
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +72,13 @@ class _Plan:
         self.batch, self.rank, self.world = batch, rank, world
         self.step = 0
         self.pos = {name: 0 for name in streams}
-        self._perm: dict[tuple[str, int], np.ndarray] = {}
+        self._perm: dict[str, tuple[int, np.ndarray]] = {}  # per stream: (epoch, permutation)
+
+    def clone(self) -> _Plan:
+        """Same arithmetic and position, without the (possibly large) permutation cache."""
+        other = _Plan(self.streams, self.seed, self.p, self.batch, self.rank, self.world)
+        other.set_state(self.state())
+        return other
 
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "pos": dict(self.pos)}
@@ -91,12 +96,13 @@ class _Plan:
     def _item(self, name: str, position: int) -> int:
         n = len(self.streams[name])
         epoch, offset = divmod(position, n)
-        key = (name, epoch)
-        if key not in self._perm:
+        cached = self._perm.get(name)
+        if cached is None or cached[0] != epoch:
             sid = STREAMS.index(name)
             perm = np.random.default_rng([self.seed, sid, epoch, 0xE9]).permutation(n)
-            self._perm = {key: perm.astype(np.uint32) if n < 2**32 else perm}  # half the memory
-        return int(self._perm[key][offset])
+            cached = (epoch, perm.astype(np.uint32) if n < 2**32 else perm)  # uint32: half the memory
+            self._perm[name] = cached
+        return int(cached[1][offset])
 
     def next(self) -> tuple[str, int, list[tuple[int, int, int, int]]]:
         """(stream, step, entries) for this rank; entries are (stream id, position, source, index)."""
@@ -162,10 +168,10 @@ class _PlanSampler:
     """A batch sampler for DataLoader: the entries of consecutive batches from a plan state."""
 
     def __init__(self, plan: _Plan):
-        self.plan = copy.deepcopy(plan)  # the loader's own plan advances only as batches are taken
+        self.plan = plan.clone()  # the loader's own plan advances only as batches are taken
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
-        plan = copy.deepcopy(self.plan)
+        plan = self.plan.clone()
         while True:
             yield plan.next()[2]
 
