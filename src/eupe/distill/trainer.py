@@ -227,7 +227,7 @@ class Distiller:
     def _build_teachers(self) -> dict:
         teachers = {}
         for name, spec in self.cfg.teachers.items():
-            # built in place on the device (a 7B teacher never sits in CPU memory); errors name teachers.<name>
+            # built in place on the device (no 7B teacher in CPU memory); errors name teachers.<name>
             teacher = build_teacher_from_spec(name, spec, seed=self.cfg.seed, device=self.device)
             teachers[name] = teacher.to(self.device).eval().requires_grad_(False)
             if self.cfg.stage == "pyramid":
