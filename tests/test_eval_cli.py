@@ -118,13 +118,13 @@ def test_zeroshot_cli_supported_and_not(world, tmp_path, capsys):
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
-    (tmp_path / "eupe-cli-tiny-clip.json").write_text(json.dumps(cfg))
+    (tmp_path / "eupe-cli-tiny-clip.json").write_text(json.dumps(cfg))  # a model config file, by path
     open_clip.add_model_config(str(tmp_path / "eupe-cli-tiny-clip.json"))
     torch.manual_seed(0)
     torch.save(open_clip.create_model("eupe-cli-tiny-clip").state_dict(), tmp_path / "clip.pt")
     final = save_tiny_encoder(tmp_path / "final")
     TeacherHeads(192, {"pe_core": (16, 16), "dinov3": (32, 32)}, hidden_dim=24).save(final)
-    text = ["text_model=eupe-cli-tiny-clip", f"text_weights={tmp_path / 'clip.pt'}"]
+    text = [f"text_model={tmp_path / 'eupe-cli-tiny-clip.json'}", f"text_weights={tmp_path / 'clip.pt'}"]
     common = [*text, "resolution=32", "resize=32", "num_workers=0"]
     args = [
         "eval",
@@ -139,6 +139,7 @@ def test_zeroshot_cli_supported_and_not(world, tmp_path, capsys):
     code, _, _ = _run([*args, "teacher=pe_core", *common], capsys)
     r = _results(tmp_path / "a")
     assert code == 0 and r["status"] == "ok" and 0 <= r["value"] <= 1 and r["extra"]["num_classes"] == 3
+    assert r["model"] == f"{tmp_path.name}/final"
     args = [
         "eval",
         "zeroshot",

@@ -166,7 +166,11 @@ def load_model(
         if weights is not None:
             raise ConfigError(f"{name}: a folder already holds its weights; drop --weights {weights}")
         enc = create_model(name)
-        return _from_encoder(Path(name).resolve().name, enc, dev, _heads_dir_near(name), random_init=False)
+        path = Path(name).resolve()
+        label = (
+            f"{path.parent.name}/{path.name}" if path.name == "final" else path.name
+        )  # runs/s3/final -> s3/final
+        return _from_encoder(label, enc, dev, _heads_dir_near(name), random_init=False)
     if name in ZOO:
         enc = create_model(name, weights=weights)
         heads = _heads_dir_near(weights) if weights is not None else None

@@ -31,7 +31,7 @@ class ZeroShotSettings:
     teacher: str = ""  # adapter-head name; "" = the only one in heads.safetensors; "none" = raw cls;
     # "proxy>pe_core_g" = this model's proxy head, then the proxy's pe_core_g head (see chain_dirs)
     chain_dirs: list[str] = field(default_factory=list)  # heads folders for the hops after the first
-    text_model: str = ""  # open_clip model name, e.g. PE-Core-B-16 or ViT-B-16
+    text_model: str = ""  # open_clip model name (e.g. PE-Core-bigG-14-448) or a model-config .json file
     text_weights: str = ""  # local open_clip checkpoint for text_model ("" = random, tests only)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     classnames: str = ""  # file: one name per line (sorted-folder order) or JSON {folder: name}
@@ -67,8 +67,13 @@ def open_clip_text_tower(name: str, weights: str = "", device: str | torch.devic
         import open_clip
     except ImportError:
         raise ConfigError("zero-shot needs open_clip: pip install 'eupe[eval]'") from None
+    if name.endswith(".json") and Path(name).is_file():  # a model config of one's own
+        open_clip.add_model_config(name)
+        name = Path(name).stem
     if name not in open_clip.list_models():
-        raise ConfigError(f"text_model '{name}' is not an open_clip model (see open_clip.list_models())")
+        raise ConfigError(
+            f"text_model '{name}' is not an open_clip model (see open_clip.list_models()) nor a config .json"
+        )
     if weights and not Path(weights).is_file():
         raise ConfigError(f"text_weights {weights}: no such file (text towers load from local files only)")
     model = open_clip.create_model(name, pretrained=weights or None, device=device)
