@@ -235,6 +235,7 @@ def radar_plot(
         ax.fill(angles + angles[:1], radii + radii[:1], color=colors(k % 10), alpha=0.12)
     ax.set_xticks(angles)
     ax.set_xticklabels(labels, fontsize=9)
+    ax.tick_params(axis="x", pad=16)  # keep the axis labels clear of the outer ring
     ax.set_ylim(0, 1.05)
     ax.set_yticks([0.25, 0.625, 1.0])
     ax.set_yticklabels(["worst", "", "best"], fontsize=7, color="grey")
