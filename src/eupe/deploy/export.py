@@ -241,7 +241,8 @@ def export_model(
             ],
             "dynamic": {"enabled": dynamic, "how": DYNAMIC_NOTE if dynamic else "static shapes"},
             "versions": {
-                p: rt.version(p) for p in ("eupe", "torch", "timm", "onnx", "onnxruntime", "executorch")
+                **{p: rt.version(p) for p in ("eupe", "timm", "onnx", "onnxruntime", "executorch")},
+                "torch": torch.__version__,
             },
             "verification": {
                 "reference": "eager PyTorch fp32 on CPU",
