@@ -1,0 +1,84 @@
+"""The demo report's figures: loss curves per stage, a radar of the three benchmarks, a PCA grid.
+
+All three are plain matplotlib (Agg) PNGs next to report.md; nothing here trains or evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bench import Featurizer, to01
+
+METRICS = ("knn", "text_iou", "pck")
+LABELS = {"knn": "kNN acc (semantic)", "text_iou": "text IoU (OCR)", "pck": "PCK@0.1 (dense)"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curves(run_dirs: dict[str, Path], path: Path) -> Path:
+    """Total loss vs step of each distill run (from its metrics.jsonl)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for name, run in run_dirs.items():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "loss" in r]
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def radar(models: dict[str, dict[str, float]], path: Path) -> Path:
+    """One polygon per model over the three benchmarks (raw scores, all in [0, 1])."""
+    plt = _plt()
+    angles = np.linspace(0, 2 * np.pi, len(METRICS), endpoint=False).tolist()
+    fig = plt.figure(figsize=(5, 5), dpi=110)
+    ax = fig.add_subplot(polar=True)
+    for name, r in models.items():
+        vals = [r[m] for m in METRICS]
+        ax.plot(angles + angles[:1], vals + vals[:1], label=name, linewidth=1.5)
+        ax.fill(angles + angles[:1], vals + vals[:1], alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([LABELS[m] for m in METRICS], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower left", bbox_to_anchor=(-0.15, -0.2), fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@torch.inference_mode()
+def pca_grid(models: dict[str, Featurizer], images: np.ndarray, path: Path, cell: int = 128) -> Path:
+    """Rows: images; columns: input + each model's patch tokens projected on their top-3 PCs as RGB."""
+    from ..eval.pca import draw_grid, pca_rgb
+
+    x = to01(images)
+    columns = []
+    for model in models.values():
+        col = []
+        for i in range(len(x)):
+            out = model(x[i : i + 1])
+            rgb, _ = pca_rgb([out.patches[0].float().cpu()])
+            col.append(rgb[0].reshape(*out.grid, 3))
+        columns.append(col)
+    draw_grid(list(x), columns, list(models), path, cell)
+    return path
