@@ -174,10 +174,10 @@ def export_model(
         info["runtime"] = f"torch.export.load (torch {torch.__version__})"
     else:
         rt.require_executorch()
-        program = rt.export_program(model, example, dynamic, "executorch")
+        program = rt.export_program(rt.explicit_attention(model), example, dynamic, "executorch")
         if quantize:
             program = _quantize_int8(program, example, calibration)
-        buffer, leftover = rt.lower_executorch(program, arch)
+        buffer, leftover = rt.lower_executorch(program, arch, fold_constants=not quantize)
         path.write_bytes(buffer)
         runner = rt.executorch_runner(path, threads)
         info["runtime"] = f"executorch {rt.version('executorch')} Python runtime, XNNPACK backend"
