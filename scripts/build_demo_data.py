@@ -156,9 +156,17 @@ def build_stamps(out: Path, entries: list[dict]) -> None:
                         "license": LICENSES["tuxpaint-stamps-default"][0]})  # fmt: skip
 
 
+def _original(path: Path) -> str:
+    """Debian files by absolute path; files of Python packages relative to site-packages (portable)."""
+    parts = path.parts
+    if "site-packages" in parts:
+        return Path(*parts[parts.index("site-packages") + 1 :]).as_posix()
+    return str(path)
+
+
 def _photo_entry(dest: Path, package: str, original: Path, license_: str, name: str) -> dict:
     return {"file": dest.as_posix(), "kind": "photo", "label": None, "group": name, "package": package,
-            "original": str(original), "license": license_, "has_text": name in HAS_TEXT}  # fmt: skip
+            "original": _original(original), "license": license_, "has_text": name in HAS_TEXT}  # fmt: skip
 
 
 def build_photos(out: Path, entries: list[dict]) -> None:
