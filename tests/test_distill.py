@@ -158,7 +158,7 @@ def test_heads_shapes_for_every_student_teacher_pair(student):
         (["teachers.vit_a.weight=-1"], "teachers.vit_a.weight must be >= 0"),
         (["train.warmup_steps=100"], "train.warmup_steps=100 exceeds train.max_steps=30"),
         (["lr=1"], "invalid config: lr"),
-        (["data.teacher_cache=x"], "data.teacher_cache='x'"),
+        (["data.teacher_cache=x", "stage=pyramid", "student.init=y"], "data.teacher_cache='x'"),
         (["teachers.a__b.model=vit_small_patch16_224"], "teachers.a__b: teacher names may use"),
         (["data.curated_prob=2"], "data.curated_prob must be in [0, 1]"),
     ],

@@ -56,6 +56,8 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads; 0 keeps PyTorch's default (1 is fastest for tiny models)
     tensorboard: bool = False  # also log to output_dir/tensorboard (needs the tensorboard package)
     progress: bool = True  # tqdm bar
+    fsdp: bool | None = None  # FSDP2 under torchrun; None: only for eupe_proxy_g16 (others use DDP)
+    activation_checkpointing: bool = False  # recompute student blocks in backward (less memory)
 
 
 @dataclass
@@ -85,6 +87,8 @@ class DistillConfig:
     pyramid: list[int] = field(default_factory=lambda: [256, 384, 512])
     teachers: dict[str, TeacherSpec] = field(default_factory=dict)
     student: StudentConfig = field(default_factory=StudentConfig)
+    # family mode: name -> student; each batch runs the teachers once, then every student
+    students: dict[str, StudentConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: LossConfig = field(default_factory=LossConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
@@ -170,7 +174,9 @@ def micro_batch(cfg: DistillConfig) -> int:
 
 
 def student_resolutions(cfg: DistillConfig) -> list[int]:
-    return list(cfg.pyramid) if cfg.stage == "pyramid" else [cfg.student.resolution]
+    if cfg.stage == "pyramid":
+        return list(cfg.pyramid)
+    return [s.resolution for s in (cfg.students or {"student": cfg.student}).values()]
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -181,8 +187,6 @@ def _positive(value: float, name: str, zero_ok: bool = False) -> None:
 
 def validate(cfg: DistillConfig) -> None:
     """Raise ConfigError on the first inconsistent field (checks that need no model built)."""
-    from ..teachers import known_teachers
-
     t = cfg.train
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage must be one of {', '.join(STAGES)}; got {cfg.stage!r}")
@@ -204,10 +208,22 @@ def validate(cfg: DistillConfig) -> None:
     _positive(cfg.distill.alpha, "distill.alpha", zero_ok=True)
     _positive(cfg.distill.beta, "distill.beta", zero_ok=True)
 
-    s = cfg.student
+    if cfg.students:
+        for name in cfg.students:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ConfigError(
+                    f"students.{name}: student names may use letters, digits, '_' and '-' "
+                    "(they name final/<name>/ folders and logged terms)"
+                )
+    for key, s in ({f"students.{n}": v for n, v in cfg.students.items()} or {"student": cfg.student}).items():
+        _validate_student(cfg, s, key)
+    _validate_teachers(cfg)
+
+
+def _validate_student(cfg: DistillConfig, s: StudentConfig, key: str) -> None:
     if s.name not in ZOO:
         raise ConfigError(
-            f"student.name: unknown model {s.name!r}; students: {', '.join(STUDENTS)} "
+            f"{key}.name: unknown model {s.name!r}; students: {', '.join(STUDENTS)} "
             f"(all zoo models: {', '.join(ZOO)})"
         )
     stride = ZOO[s.name].stride
@@ -222,14 +238,18 @@ def validate(cfg: DistillConfig) -> None:
                 )
         if not s.init:
             raise ConfigError(
-                "student.init: stage 'pyramid' (Stage 3) starts from the Stage-2 student; "
-                "set student.init=<stage-2 output_dir>/final"
+                f"{key}.init: stage 'pyramid' (Stage 3) starts from the Stage-2 student; "
+                f"set {key}.init=<stage-2 output_dir>/final"
             )
     elif s.resolution <= 0 or s.resolution % stride:
         raise ConfigError(
-            f"student.resolution={s.resolution} is not a multiple of the patch size {stride} of {s.name} "
+            f"{key}.resolution={s.resolution} is not a multiple of the patch size {stride} of {s.name} "
             f"(nearest: {max(stride, round(s.resolution / stride) * stride)})"
         )
+
+
+def _validate_teachers(cfg: DistillConfig) -> None:
+    from ..teachers import known_teachers
 
     if not cfg.teachers:
         raise ConfigError("teachers: at least one teacher is needed, e.g. teachers.dinov3_hplus={}")
@@ -259,18 +279,28 @@ def validate(cfg: DistillConfig) -> None:
         if spec.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{key}.dtype must be 'fp32' or 'bf16'; got {spec.dtype!r}")
     validate_data(cfg.data)
-    if cfg.data.teacher_cache:
+    if cfg.data.teacher_cache and cfg.stage == "pyramid":
         raise ConfigError(
-            f"data.teacher_cache={cfg.data.teacher_cache!r}: the trainer runs teachers live and does not "
-            "read a teacher-feature cache yet; remove data.teacher_cache"
+            f"data.teacher_cache={cfg.data.teacher_cache!r}: a cache holds targets at the teachers' "
+            "native resolution, but stage 'pyramid' draws a teacher scale per iteration; run Stage 3 "
+            "with live teachers (remove data.teacher_cache)"
         )
 
 
 def check_paths(cfg: DistillConfig) -> None:
     """Checks of files a run reads (separate from `validate`, so paper configs validate anywhere)."""
-    init = cfg.student.init
+    for key, s in ({f"students.{n}": v for n, v in cfg.students.items()} or {"student": cfg.student}).items():
+        _check_init(s.init, key)
+    if cfg.data.teacher_cache and not (Path(cfg.data.teacher_cache) / "cache.json").is_file():
+        raise ConfigError(
+            f"data.teacher_cache={cfg.data.teacher_cache!r}: no cache.json there; build the cache with "
+            "`eupe cache-teacher CONFIG cache.dir=DIR` first"
+        )
+
+
+def _check_init(init: str | None, key: str) -> None:
     if init and not (Path(init) / "config.json").is_file():
         raise ConfigError(
-            f"student.init={init!r}: not a final/ folder with config.json + model.safetensors "
+            f"{key}.init={init!r}: not a final/ folder with config.json + model.safetensors "
             "(use the final/ folder of the previous stage's output_dir)"
         )

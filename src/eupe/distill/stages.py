@@ -122,10 +122,17 @@ class ScaleSampler:
 def draw_resolutions(
     cfg: DistillConfig, sampler: ScaleSampler, teachers: list[str], students: list[str]
 ) -> tuple[dict[str, int | None], dict[str, int]]:
-    """This iteration's input sides: None = the teacher's native resolution."""
+    """This iteration's input sides: None = the teacher's native resolution.
+
+    In a family run every student gets the one student draw a lone run of the same seed makes,
+    so no student's scales depend on the others (issue 6: family equals separate runs).
+    """
     if cfg.stage != "pyramid":
-        return {t: None for t in teachers}, {s: cfg.student.resolution for s in students}
-    return {t: sampler.draw() for t in teachers}, {s: sampler.draw() for s in students}
+        specs = cfg.students or {"student": cfg.student}
+        return {t: None for t in teachers}, {s: specs[s].resolution for s in students}
+    drawn = {t: sampler.draw() for t in teachers}
+    side = sampler.draw()
+    return drawn, {s: side for s in students}
 
 
 @dataclass

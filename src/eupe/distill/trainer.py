@@ -11,6 +11,7 @@ position and every RNG, so on CPU it ends with exactly the weights of an uninter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -35,9 +36,22 @@ from .config import (
     to_yaml,
     world_size,
 )
+from .family import build_students, student_specs
 from .loss import LossWeights, teacher_loss, total_loss
 from .norm import TeacherNorm
-from .stages import ScaleSampler, StudentState, draw_resolutions, prepare_student
+from .parallel import (
+    DCP_DIR,
+    as_local_norm,
+    forward_student,
+    full_state,
+    grad_sync,
+    load_sharded,
+    reduce_mean,
+    save_sharded,
+    synced_by_wrapper,
+    wrap_student,
+)
+from .stages import ScaleSampler, StudentState, build_student, draw_resolutions, prepare_student
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -59,11 +73,22 @@ class Distiller:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         _seed_everything(cfg.seed)
-        self.teachers = self._build_teachers()
+        self.cache = None  # a teacher-feature cache replaces the teachers (data.teacher_cache)
+        if cfg.data.teacher_cache:
+            from .cache import TeacherCache
+
+            self.cache = TeacherCache(cfg.data.teacher_cache)
+            self.teachers = self.cache.stub_teachers(cfg)
+        else:
+            self.teachers = self._build_teachers()
         dims = {n: (t.cls_dim, t.patch_dim) for n, t in self.teachers.items()}
-        # The one-student case of a family run: students are a mapping of trainable units.
-        self.students = {"student": StudentState.build("student", cfg, cfg.student, dims, self.device)}
+        # students: name -> StudentState (one, or a family sharing each teacher forward)
+        self.students, self.streams = build_students(cfg, dims, self.device)
+        for name, spec in student_specs(cfg).items():
+            wrap_student(self.students[name], cfg, spec, self.device, self.world)
         self.norm = TeacherNorm(dims).to(self.device)
+        if self.cache is not None:  # the statistics the cache's targets were normalized with
+            self.norm.load_state_dict(self.cache.norm.state_dict())
         self.weights = {
             n: LossWeights(
                 cfg.distill.alpha, cfg.distill.beta, s.weight, s.patch_weight, cfg.distill.smooth_l1_beta
@@ -72,13 +97,18 @@ class Distiller:
         }
         self.sampler = ScaleSampler(cfg.pyramid, cfg.seed + 1)
         self.micro = micro_batch(cfg)
-        self.loader = build_loader(
-            cfg.data,
-            batch_size=self.micro,
-            view_size=self.view_size(),
-            seed=cfg.seed,
-            rank=self.rank,
-            world_size=self.world,
+        self._cached_targets = None
+        self.loader = (
+            build_loader(
+                cfg.data,
+                batch_size=self.micro,
+                view_size=self.view_size(),
+                seed=cfg.seed,
+                rank=self.rank,
+                world_size=self.world,
+            )
+            if self.cache is None
+            else self.cache.loader(cfg.data, self.micro, self.view_size(), cfg.seed, self.rank, self.world)
         )
         self.step = 0
         if resume:
@@ -102,17 +132,19 @@ class Distiller:
                 )
                 lrs = {n: s.schedule.current_lr for n, s in self.students.items()}
                 logged: dict[str, float] = {}
-                for _ in range(t.accum_steps):
+                for micro in range(t.accum_steps):
                     views = self._next_batch()
                     targets = self.teacher_targets(views, teacher_res)  # frozen, normalized
-                    for name, s in self.students.items():
-                        loss, terms = self.student_loss(s, views, targets, student_res[name])
-                        self._check_finite(loss, terms)
-                        (loss / t.accum_steps).backward()
+                    for name, s in self.students.items():  # each on its own RNG stream
+                        with self.streams.use(name), grad_sync(s, micro == t.accum_steps - 1):
+                            loss, terms = self.student_loss(s, views, targets, student_res[name])
+                            self._check_finite(loss, terms)
+                            (loss / t.accum_steps).backward()
                         for k, v in {"loss": float(loss.detach()), **terms}.items():
                             key = self._key(name, k)
                             logged[key] = logged.get(key, 0.0) + v / t.accum_steps
                     self._count_images(views.shape[0] * self.world)
+                logged = reduce_mean(logged, self.world)  # the mean over the global batch
                 for name, s in self.students.items():
                     logged[self._key(name, "grad_norm")] = self.optimizer_step(s)
                 self.step += 1
@@ -152,6 +184,8 @@ class Distiller:
     # -- one step's parts ---------------------------------------------------------------------
     def teacher_targets(self, views: torch.Tensor, resolutions: dict[str, int | None]) -> dict:
         """Normalized teacher outputs; each teacher resizes the shared view to its own resolution."""
+        if self._cached_targets is not None:  # read from the teacher-feature cache, already normalized
+            return {n: y.to(self.device) for n, y in self._cached_targets.items()}
         targets = {}
         for name, teacher in self.teachers.items():
             out = teacher(views, resolutions[name])
@@ -165,10 +199,10 @@ class Distiller:
         """Student forward at `resolution`, every teacher's head and loss terms."""
         images = prepare_student(views, resolution)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
-            out = s.model(images)
+            out, projected = forward_student(s, images, list(targets))
             per_teacher = {}
             for name, y in targets.items():
-                z_cls, z_patch = s.heads(out, name)
+                z_cls, z_patch = projected[name]
                 per_teacher[name] = teacher_loss(
                     z_cls, z_patch, out.grid, y.cls, y.patches, y.grid, self.weights[name]
                 )
@@ -177,12 +211,12 @@ class Distiller:
     def optimizer_step(self, s: StudentState) -> float:
         """Average gradients over processes, clip, step, advance the schedule; returns the grad norm."""
         params = [p for p in s.parameters() if p.grad is not None]
-        if self.world > 1:
+        if self.world > 1 and not synced_by_wrapper(s):  # DDP/FSDP averaged in backward
             for p in params:  # SUM then divide: gloo (CPU) has no AVG
                 torch.distributed.all_reduce(p.grad)
                 p.grad.div_(self.world)
         clip = self.cfg.train.clip_grad
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = as_local_norm(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
         if not torch.isfinite(norm):
             raise TrainingDiverged(
                 f"gradient norm is {float(norm)} at step {self.step + 1}; stopped before the optimizer "
@@ -214,6 +248,7 @@ class Distiller:
         except StopIteration:  # a finite loader: start its next pass
             self._batches = iter(self.loader)
             batch = next(self._batches)
+        self._cached_targets = getattr(batch, "targets", None)
         return batch.views.to(self.device, non_blocking=True)
 
     # -- setup -------------------------------------------------------------------------------
@@ -270,14 +305,21 @@ class Distiller:
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """checkpoints/step_<N>/ (atomic), then prune to the newest train.keep_checkpoints."""
+        sharded = self._save_sharded_parts()  # FSDP students: every rank writes its DCP shards
         if self.rank:
             return None
 
         def fill(tmp: Path) -> None:
             for name, s in self.students.items():
-                s.save(tmp / "students" / name)
+                if name in sharded:
+                    (tmp / "students" / name).mkdir(parents=True)
+                    sharded[name].rename(tmp / "students" / name / DCP_DIR)
+                    ckpt.save_state(tmp / "students" / name, "schedule", s.schedule.state_dict())
+                else:
+                    s.save(tmp / "students" / name)
             self.norm.save(tmp)
             ckpt.save_state(tmp, "rng", ckpt.rng_state())
+            ckpt.save_state(tmp, "student_rng", self.streams.state_dict())
             ckpt.save_json(
                 tmp / "trainer.json",
                 {
@@ -289,6 +331,8 @@ class Distiller:
             )
 
         path = ckpt.write_atomic_dir(ckpt.checkpoint_dir(self.out, self.step), fill)
+        if sharded:  # the emptied side folder of the DCP shards
+            next(iter(sharded.values())).parent.rmdir()
         ckpt.prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
         return path
 
@@ -305,7 +349,13 @@ class Distiller:
         if state["students"] != list(self.students):
             raise CheckpointError(f"{path}: students {state['students']} differ from the config's")
         for name, s in self.students.items():
-            s.load(path / "students" / name)
+            if getattr(s, "sharded", False):
+                load_sharded(s, path / "students" / name / DCP_DIR)
+                s.schedule.load_state_dict(ckpt.load_state(path / "students" / name, "schedule"))
+            else:
+                s.load(path / "students" / name)
+        if (path / "student_rng.json").is_file():
+            self.streams.load_state_dict(ckpt.load_state(path, "student_rng"))
         norm = TeacherNorm.load(path)
         self.norm.load_state_dict(norm.state_dict(), strict=True)
         self.loader.load_state_dict(state["loader"])
@@ -315,19 +365,50 @@ class Distiller:
             ckpt.truncate_metrics(self.out / METRICS_FILE, self.step)
 
     def save_final(self) -> Path:
-        """final/: the student (save_pretrained), its heads and the TeacherNorm statistics."""
+        """final/ (family runs: final/<student>/): the student (save_pretrained), its heads and the
+        TeacherNorm statistics."""
         target = self.out / FINAL_DIR
+        specs = student_specs(self.cfg)
+        gathered = {  # FSDP students: gather the full weights (collective), saved by rank 0
+            n: full_state(s.runner) for n, s in self.students.items() if getattr(s, "sharded", False)
+        }
         if self.rank:
             return target
-        (s,) = self.students.values()  # family runs write one final/ per student (issue 6)
 
-        def fill(tmp: Path) -> None:
-            s.model.save_pretrained(tmp)
-            s.heads.save(tmp)
+        def fill_one(tmp: Path, name: str, s: StudentState) -> None:
+            model, heads = s.model, s.heads
+            if name in gathered:  # an unsharded copy of the student to write
+                model = build_student(dataclasses.replace(specs[name], init=None), "cpu")
+                model.load_state_dict({k[6:]: v for k, v in gathered[name].items() if k.startswith("model.")})
+                heads = type(s.heads)(s.heads.student_dim, s.heads.teacher_dims, s.heads.hidden_dim)
+                heads.load_state_dict({k[6:]: v for k, v in gathered[name].items() if k.startswith("heads.")})
+            model.save_pretrained(tmp)
+            heads.save(tmp)
             self.norm.save(tmp)
             ckpt.save_json(tmp / "distill.json", {"step": self.step, "teachers": list(self.teachers)})
 
+        if len(self.students) == 1:
+            ((name, s),) = self.students.items()
+            return ckpt.write_atomic_dir(target, lambda tmp: fill_one(tmp, name, s))
+
+        def fill(tmp: Path) -> None:
+            for name, s in self.students.items():
+                (tmp / name).mkdir()
+                fill_one(tmp / name, name, s)
+
         return ckpt.write_atomic_dir(target, fill)
+
+    def _save_sharded_parts(self) -> dict[str, Path]:
+        """DCP shards of every FSDP student in a side folder (collective); rank 0 moves them in."""
+        parts = {}
+        for name, s in self.students.items():
+            if getattr(s, "sharded", False):
+                side = self.out / ckpt.CHECKPOINTS / f".dcp-step_{self.step}" / name
+                save_sharded(s, side)
+                parts[name] = side
+        if parts:
+            torch.distributed.barrier()
+        return parts
 
     # -- logging -------------------------------------------------------------------------------
     def _log(self, logged: dict[str, float], lrs: dict[str, float], writer) -> dict:

@@ -1,0 +1,99 @@
+"""Family mode: one teacher forward per batch, then every student (issue 6).
+
+A config lists students either as the single `student:` block or as a `students:` mapping from a
+name to a `StudentConfig` (like `teachers`). Each student has its own heads, optimizer, schedule,
+checkpoint folder (`checkpoints/step_N/students/<name>/`) and `final/<name>/`.
+
+A family run must equal separate runs with the same seed, so nothing random about one student may
+depend on the others:
+- every student is initialised from the same global RNG state a lone run would have at that point;
+- each student owns a torch RNG stream (drop path, stochastic depth, anything a forward draws),
+  swapped in around its forward/backward and checkpointed with it;
+- data, TeacherNorm and teacher targets are shared (identical in separate runs of one seed);
+- pyramid draws come from the run's sampler, drawn once per iteration for all students (a lone
+  run of the same seed draws exactly that value).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .config import DistillConfig, StudentConfig
+
+SINGLE = "student"  # the name of the one student of a plain run
+
+
+def student_specs(cfg: DistillConfig) -> dict[str, StudentConfig]:
+    """name -> StudentConfig: the `students` mapping, or {"student": cfg.student}."""
+    return dict(cfg.students) if getattr(cfg, "students", None) else {SINGLE: cfg.student}
+
+
+def is_family(cfg: DistillConfig) -> bool:
+    return bool(getattr(cfg, "students", None))
+
+
+def _devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+class RngStreams:
+    """One torch RNG state per student (CPU and every CUDA device), swapped in while it runs."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def capture() -> dict[str, Any]:
+        state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = [torch.cuda.get_rng_state(d) for d in _devices()]
+        return state
+
+    @staticmethod
+    def restore(state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        for d, s in zip(_devices(), state.get("cuda", [])):
+            torch.cuda.set_rng_state(s, d)
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        """Run a block on `name`'s stream; the global stream is left as it was."""
+        outer = self.capture()
+        self.restore(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = self.capture()
+            self.restore(outer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: dict(s) for n, s in self.states.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.states) - set(state)
+        if missing:
+            raise KeyError(f"no RNG stream saved for student(s) {sorted(missing)}")
+        self.states = {
+            n: {"cpu": state[n]["cpu"], **({"cuda": state[n]["cuda"]} if "cuda" in state[n] else {})}
+            for n in self.states
+        }
+
+
+def build_students(
+    cfg: DistillConfig, teacher_dims: dict[str, tuple[int, int]], device: torch.device
+) -> tuple[dict, RngStreams]:
+    """Every `StudentState` of the run, each built from the same RNG state, and their streams."""
+    from .stages import StudentState
+
+    streams = RngStreams()
+    start = RngStreams.capture()
+    students = {}
+    for name, spec in student_specs(cfg).items():
+        RngStreams.restore(start)  # as if this student were the only one
+        students[name] = StudentState.build(name, cfg, spec, teacher_dims, device)
+        streams.states[name] = RngStreams.capture()
+    return students, streams
