@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> dict:
                         cell["prepare_s"] = round(time.time() - start, 1)
                         timing = measure(runner, images, args.runs, args.warmup)
                         cell["ms"], cell["cpu_ms"] = timing["wall_ms"], timing["cpu_ms"]
+                        cell["cosine_to_fp32"] = getattr(runner, "cosine_to_fp32", None)
                     except Exception as e:  # one failing runtime must not lose the others
                         cell["error"] = (
                             f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -109,14 +110,22 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES) + ["pt2"])
+    parser.add_argument(
+        "--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES) + ["pt2", "executorch_int8"]
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/latency.json")
-    parser.add_argument("--table-only", action="store_true", help="print the table of an existing --json")
+    parser.add_argument(
+        "--tables", nargs="+", metavar="JSON", help="only print the tables of these result files"
+    )
     args = parser.parse_args()
-    result = json.loads(Path(args.json).read_text()) if args.table_only else run(args)
+    if args.tables:
+        results = [json.loads(Path(p).read_text()) for p in args.tables]
+        result = {**results[0], "cells": [c for r in results for c in r["cells"]]}
+    else:
+        result = run(args)
     print(table(result, "ms"))
     if any("cpu_ms" in c for c in result["cells"]):
         print()

@@ -135,16 +135,20 @@ def make_runner(runtime: str, model: nn.Module, size: int, workdir: Path, thread
         return rt.eager_runner(model)
     if runtime == "compile":
         return rt.compile_runner(model)
-    fmt = runtime
+    fmt, quantize = (runtime[:-5], "int8") if runtime.endswith("_int8") else (runtime, None)
     if fmt not in FORMATS:
         raise EupeError(f"unknown runtime {runtime!r}; choose from {', '.join(rt.RUNTIMES)}")
-    out = workdir / f"{model.arch}_{size}{FORMATS[fmt]}"
-    result = export_model(model, fmt, size, output=out, threads=threads)
+    out = workdir / f"{model.arch}_{size}_{runtime}{FORMATS[fmt]}"
+    # Latency only: an int8 model's accuracy is reported by `eupe export --quantize int8`.
+    result = export_model(model, fmt, size, output=out, threads=threads, quantize=quantize, min_cosine=-1.0)
     if fmt == "onnx":
         return rt.onnx_runner(result.artifact, threads)
-    if fmt == "executorch":
-        return rt.executorch_runner(result.artifact, threads)
-    return rt.pt2_runner(result.artifact)
+    if fmt == "pt2":
+        return rt.pt2_runner(result.artifact)
+    runner = rt.executorch_runner(result.artifact, threads)
+    if quantize:  # random-init weights: this cosine says little about a trained model
+        runner.cosine_to_fp32 = result.info["quantization"]["cosine_to_fp32"]  # type: ignore[attr-defined]
+    return runner
 
 
 def cost_table(

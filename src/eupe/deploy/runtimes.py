@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import EupeError
 
 Runner = Callable[[torch.Tensor], list[torch.Tensor]]
-RUNTIMES = ("eager", "compile", "onnx", "executorch", "pt2")
+RUNTIMES = ("eager", "compile", "onnx", "executorch", "pt2", "executorch_int8")
 OUTPUT_NAMES = ("cls", "patches", "registers")
 _OP = re.compile(r"(?:aten|prims|quantized_decomposed|torchvision)(?:::|\.)[A-Za-z_][\w.]*")
 
