@@ -21,9 +21,13 @@ NORM_FILE = "teacher_norm.safetensors"
 class TeacherNorm(nn.Module):
     """Per-teacher, per-coordinate normalization, separately for cls and patch tokens."""
 
-    def __init__(self, teacher_dims: dict[str, tuple[int, int]], eps: float = 1e-6):
+    def __init__(self, teacher_dims: dict[str, tuple[int, int]], eps: float = 1e-6, rel_floor: float = 1e-2):
         super().__init__()
         self.eps = eps
+        # A coordinate that is (nearly) constant in the measurement batches but fires later (a ReLU
+        # channel dead on those images) would get a ~eps std and blow its targets up by ~1/eps. So
+        # each std is floored at rel_floor x the median std of its teacher's tokens of that kind.
+        self.rel_floor = rel_floor
         self.teachers = list(teacher_dims)
         for t, (c, p) in teacher_dims.items():
             for kind, dim in (("cls", c), ("patch", p)):
@@ -64,7 +68,9 @@ class TeacherNorm(nn.Module):
                 mean = self._buf(t, f"{kind}_sum") / n
                 var = (self._buf(t, f"{kind}_sumsq") / n - mean * mean).clamp_min(0) * (n / (n - 1))
                 self._buf(t, f"{kind}_mean").copy_(mean.float())
-                self._buf(t, f"{kind}_std").copy_(var.sqrt().float().clamp_min(self.eps))
+                std = var.sqrt().float()
+                floor = max(self.eps, self.rel_floor * float(std.median()))
+                self._buf(t, f"{kind}_std").copy_(std.clamp_min(floor))
         self.frozen.fill_(True)
 
     def normalize(self, teacher: str, out: EncoderOutput) -> EncoderOutput:
