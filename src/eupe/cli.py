@@ -371,11 +371,11 @@ def _run_export(args: argparse.Namespace) -> int:
     )
     info = result.info
     print(f"wrote {result.artifact} ({info['bytes'] / 1e6:.1f} MB) and {result.sidecar}")
-    print(
-        f"verified in {info['runtime']}: max abs diff {result.max_abs_diff:.2e} on {info['verification']['inputs']}"
-    )
+    checked = f"max abs diff {result.max_abs_diff:.2e} vs eager fp32"
     if info.get("quantization"):
-        print(f"int8 cosine similarity to fp32: {info['quantization']['cosine_to_fp32']}")
+        cosines = ", ".join(f"{k} {v:.4f}" for k, v in info["quantization"]["cosine_to_fp32"].items())
+        checked = f"int8 cosine similarity to fp32: {cosines} ({checked})"
+    print(f"verified in {info['runtime']} on inputs {info['verification']['inputs']}: {checked}")
     if info.get("non_delegated_ops"):
         print(f"note: ops on ExecuTorch portable kernels (not XNNPACK): {info['non_delegated_ops']}")
     return 0
@@ -452,6 +452,40 @@ def _run_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eupe cache-teacher ------------------------------------------------------------------------
+def _cmd_cache_teacher(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "cache-teacher",
+        "run a config's teachers once over its data; store K views' normalized targets on disk",
+        """
+        eupe cache-teacher configs/tiny/stage2.yaml teachers.proxy.checkpoint=S1/final cache.dir=C cache.views=4
+        eupe distill configs/tiny/stage2.yaml teachers.proxy.checkpoint=S1/final data.teacher_cache=C
+        eupe cache-teacher my_stage2.yaml cache.dir=/data/cache cache.views=8 cache.dtype=fp8 data.num_workers=8
+    """,
+    )
+    p.add_argument("config", help="distill YAML config (fixed stage); its teachers and data are used")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="cache.dir=DIR (required), cache.views=K, cache.dtype=bf16|fp8|fp32, cache.shard_views, "
+        "cache.batch, and any config override",
+    )
+    p.set_defaults(run=_run_cache_teacher)
+
+
+def _run_cache_teacher(args: argparse.Namespace) -> int:
+    from .distill.cache_build import cache_from_cli
+
+    s = cache_from_cli(args.config, args.overrides)
+    print(
+        f"cached {s['views']} views of {s['images']} images ({s['skipped']} unreadable): "
+        f"{s['bytes_per_view'] / 1024:.1f} KiB/view, {s['views_per_s']:.1f} views/s"
+    )
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_models,
     _cmd_distill,
@@ -461,6 +495,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_export,
     _cmd_demo,
     _cmd_data_check,
+    _cmd_cache_teacher,
 ]
 
 

@@ -88,7 +88,7 @@ def wrap_student(s: Any, cfg: Any, spec: Any, device: torch.device, world: int) 
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    s.runner = DistributedDataParallel(wrapper, device_ids=ids, broadcast_buffers=False)
+    s.runner = DistributedDataParallel(wrapper, device_ids=ids)
     s.sharded = False
 
 
@@ -152,14 +152,19 @@ def save_sharded(s: Any, directory: Path) -> None:
 
 
 def load_sharded(s: Any, directory: Path) -> None:
-    """Collective: load a DCP checkpoint, resharded to this world size."""
+    """Load a DCP checkpoint, resharded to this world size (collective when sharded).
+
+    Works for an unsharded student too (e.g. resuming an FSDP run in one process): the keys are
+    those of `StudentForward`, with or without FSDP.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(s.runner, s.optimizer)
+    module = s.runner if getattr(s, "sharded", False) else StudentForward(s.model, s.heads)
+    model_sd, optim_sd = get_state_dict(module, s.optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(s.runner, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(module, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:

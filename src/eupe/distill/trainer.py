@@ -185,7 +185,9 @@ class Distiller:
     def teacher_targets(self, views: torch.Tensor, resolutions: dict[str, int | None]) -> dict:
         """Normalized teacher outputs; each teacher resizes the shared view to its own resolution."""
         if self._cached_targets is not None:  # read from the teacher-feature cache, already normalized
-            return {n: y.to(self.device) for n, y in self._cached_targets.items()}
+            from .cache import targets_to
+
+            return targets_to(self._cached_targets, self.device)
         targets = {}
         for name, teacher in self.teachers.items():
             out = teacher(views, resolutions[name])
@@ -349,7 +351,7 @@ class Distiller:
         if state["students"] != list(self.students):
             raise CheckpointError(f"{path}: students {state['students']} differ from the config's")
         for name, s in self.students.items():
-            if getattr(s, "sharded", False):
+            if (path / "students" / name / DCP_DIR).is_dir():  # written by FSDP; any world size
                 load_sharded(s, path / "students" / name / DCP_DIR)
                 s.schedule.load_state_dict(ckpt.load_state(path / "students" / name, "schedule"))
             else:
