@@ -172,3 +172,15 @@ def test_executorch_xnnpack_round_trip(tmp_path, name, overrides):
     assert "XNNPACK" in info["runtime"] and info["versions"]["executorch"]
     # LayerNorm is not an XNNPACK op in ExecuTorch 1.5: it must be reported, not hidden.
     assert any("layer_norm" in op for op in info["non_delegated_ops"])
+
+
+@needs_executorch
+def test_executorch_int8_reports_cosine(tmp_path):
+    model = _model("eupe_convnext_tiny", depths=(1, 1, 1, 1))
+    result = export_model(
+        model, "executorch", SIZE, output=tmp_path / "q.pte", quantize="int8", calibration=2
+    )
+    quant = result.info["quantization"]
+    assert set(quant["cosine_to_fp32"]) == {"cls", "patches"} and "PT2E" in quant["scheme"]
+    assert min(quant["cosine_to_fp32"].values()) >= quant["min_cosine"] == 0.9
+    assert result.info["verification"]["tolerance"] is None  # int8 is judged by cosine, not 1e-4

@@ -175,9 +175,10 @@ def export_model(
     else:
         rt.require_executorch()
         program = rt.export_program(rt.explicit_attention(model), example, dynamic, "executorch")
+        program = rt.fold_constants(program)
         if quantize:
             program = _quantize_int8(program, example, calibration)
-        buffer, leftover = rt.lower_executorch(program, arch, fold_constants=not quantize)
+        buffer, leftover = rt.lower_executorch(program, arch)
         path.write_bytes(buffer)
         runner = rt.executorch_runner(path, threads)
         info["runtime"] = f"executorch {rt.version('executorch')} Python runtime, XNNPACK backend"
