@@ -1,58 +1,88 @@
-"""The demo pipeline's stage configs are valid distill configs (no training here: that is `eupe demo --quick`)."""
+"""The demo's precomputed-target training (train.py) and report helpers, on tiny inputs.
+
+The whole pipeline is `eupe demo --quick` (CI); here: views, targets, a few student steps.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from eupe.demo.experts import effnet_teacher_spec, ocr_teacher_spec
-from eupe.demo.pipeline import DemoSettings, _spec_dict, _stage_config, quick_settings
-from eupe.distill.config import load_config
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eupe.demo.pipeline import DemoSettings, claim_check, format_table, quick_settings
+from eupe.demo.train import StageSettings, make_views, teacher_targets, train_student
+from eupe.models import create_model
+from eupe.models.encoder import feature_map_to_output
 
 
-def test_every_stage_config_validates(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("eupe.demo.experts.ocr_det_model", lambda: tmp_path / "det.onnx")
-    for s in (DemoSettings(), quick_settings()):
-        experts = {
-            "effnet": _spec_dict(effnet_teacher_spec(tmp_path / "e.safetensors"), s.effnet_resolution),
-            "ocr": _spec_dict(ocr_teacher_spec(), s.ocr_resolution),
-        }
-        proxy = {"proxy": {"backend": "eupe", "checkpoint": str(tmp_path / "stage1" / "final")}}
-        s1 = _stage_config(
-            s, tmp_path, "stage1", experts, {"name": s.proxy, "resolution": s.proxy_resolution}, 5
-        )
-        s3 = _stage_config(
-            s, tmp_path, "stage3", proxy, {"name": s.student, "init": str(tmp_path / "s2")}, 5,
-            stage="pyramid", pyramid=list(s.pyramid),
-        )  # fmt: skip
-        cfg1, cfg3 = load_config(s1), load_config(s3)
-        assert set(cfg1.teachers) == {"effnet", "ocr"} and cfg1.teachers["ocr"].kwargs == {
-            "channel_order": "BGR"
-        }
-        assert cfg1.teachers["effnet"].resolution % 32 == 0 and cfg1.train.global_batch == s.batch
-        assert cfg3.stage == "pyramid" and cfg3.pyramid == list(s.pyramid)
-        assert cfg1.data.sources[0].path == str(tmp_path / "data" / "pool")
+def _pool(n: int = 3) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, size=(n, 48, 48, 3), dtype=np.uint8)
 
 
-def test_figures_are_written(tmp_path: Path):
-    import json
+def test_views_are_a_pure_function_of_the_seed_and_a_prefix_for_a_smaller_pool():
+    a = make_views(_pool(3), 2, 32, seed=5, progress=False)
+    b = make_views(_pool(3)[:2], 2, 32, seed=5, progress=False)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a[:4], b) and not torch.equal(a[0], a[1])
+    assert not torch.equal(a, make_views(_pool(3), 2, 32, seed=6, progress=False))
 
-    import numpy as np
-    import torch.nn.functional as F
 
-    from eupe.demo import figures
-    from eupe.models.encoder import feature_map_to_output
+def _teacher(x: torch.Tensor):
+    """A fixed 'teacher': 8x8 average-pooled pixels and a constant channel that must not explode."""
+    fmap = torch.cat([F.avg_pool2d(x, 8), torch.zeros_like(x[:, :1, ::8, ::8])], dim=1)
+    return feature_map_to_output(fmap * 4 + 1)
 
-    run = tmp_path / "stage1"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text(
-        "\n".join(json.dumps({"step": i, "loss": 1.0 / i}) for i in range(1, 6))
-    )
-    scores = {"a": {"knn": 0.5, "text_iou": 0.2, "pck": 0.7}, "b": {"knn": 0.3, "text_iou": 0.6, "pck": 0.4}}
-    model = lambda x: feature_map_to_output(F.avg_pool2d(x, 8))  # noqa: E731
-    images = np.random.default_rng(0).integers(0, 255, size=(2, 32, 32, 3), dtype=np.uint8)
-    for path in (
-        figures.loss_curves({"stage1": run}, tmp_path / "loss.png"),
-        figures.radar(scores, tmp_path / "radar.png"),
-        figures.pca_grid({"m": model}, images, tmp_path / "pca.png", cell=32),
-    ):
-        assert path.stat().st_size > 1000
+
+def test_targets_are_standardized_over_all_views():
+    views = make_views(_pool(4), 3, 32, seed=0, progress=False)
+    targets, norm = teacher_targets({"t": _teacher}, views, batch=5)
+    t = targets["t"]
+    assert t.cls.shape == (12, 4) and t.patches.shape == (12, 16, 4) and t.grid == (4, 4)
+    live = t.patches.float()[..., :3].reshape(-1, 3)
+    assert torch.allclose(live.mean(0), torch.zeros(3), atol=2e-3)
+    assert torch.allclose(live.std(0), torch.ones(3), atol=2e-2)
+    assert t.patches.float().abs().max() < 100 and bool(norm.frozen)
+
+
+def test_train_student_learns_saves_and_repeats_bit_identically(tmp_path: Path):
+    views = make_views(_pool(4), 2, 32, seed=0, progress=False)
+    targets, _ = teacher_targets({"t": _teacher}, views)
+    s = StageSettings(steps=4, batch=4, lr=1e-3, warmup=1, resolutions=(32, 48), head_dim=16)
+    weights = []
+    for run in ("a", "b"):
+        torch.manual_seed(0)
+        model = create_model("eupe_vitt16")
+        train_student(model, views, targets, s, seed=1, out_dir=tmp_path / run, desc=run)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    assert {r["resolution"] for r in rows} <= {32, 48}
+    loaded = create_model(str(tmp_path / "a" / "final"))
+    assert (tmp_path / "a" / "final" / "heads.safetensors").is_file()
+    assert torch.equal(torch.cat([p.detach().flatten() for p in loaded.parameters()]), weights[0])
+
+
+def test_report_table_bolds_the_best_and_checks_the_claim():
+    row = {"knn": 0.5, "text_iou": 0.5, "pck": 0.5, "pck_warps": 0.5, "pck_graf": 0.5}
+    models = {
+        "teacher_effnet": {**row, "knn": 0.8},
+        "teacher_ocr": {**row, "text_iou": 0.7},
+        "proxy": row,
+        "eupe_vitt16": {**row, "knn": 0.75, "pck": 0.6},
+        "direct_vitt16": row,
+    }
+    table = format_table(models)
+    assert "| teacher_effnet | **0.800** |" in table and "| teacher_ocr | 0.500 | **0.700** |" in table
+    lines = claim_check(models)
+    assert "within 10%: yes" in lines[0] and "within 10%: no" in lines[1]
+    assert "better on 2/3" in lines[-1]
+
+
+def test_quick_is_the_same_pipeline_on_less():
+    full, quick = DemoSettings(), quick_settings()
+    assert quick.pool_size < full.pool_size and sum(quick.steps) < sum(full.steps)
+    assert quick.threads == full.threads == 1 and quick.pyramid == full.pyramid

@@ -401,8 +401,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import run_demo
 
     results = run_demo(args.output_dir, quick=args.quick)
-    print(json.dumps(results["models"], indent=1))
-    print(f"report: {args.output_dir}/report.md")
+    from pathlib import Path
+
+    from .demo.pipeline import format_table
+
+    details = json.loads((Path(args.output_dir) / "details.json").read_text())
+    print(format_table(details["models"]))
+    print(f"total {results['timings_s']['total']:.0f} s; report: {args.output_dir}/report.md")
     return 0
 
 

@@ -1,13 +1,15 @@
-"""`eupe demo`: the EUPE recipe in miniature (STATUS: first end-to-end wiring, untuned).
+"""`eupe demo`: the EUPE recipe in miniature, on a 2-core CPU, from one seed.
 
-    data -> Stage 1 (EfficientNet-Lite0 + PP-OCRv4 det -> proxy) -> Stage 2 (proxy -> ViT-T, fixed
-    resolution) -> Stage 3 (multi-resolution) ; ablation: both experts -> ViT-T directly, same total
-    steps ; evaluations of every model on the three demo benchmarks -> results.json + report.md
+    data -> views -> expert targets (once) -> Stage 1 (EfficientNet-Lite0 + PP-OCRv4 det -> ViT-S
+    proxy) -> proxy targets (once) -> Stage 2 (proxy -> ViT-T, fixed resolution) -> Stage 3
+    (multi-resolution) ; ablation: both experts -> ViT-T directly with Stages 1+2+3's steps ;
+    the three demo benchmarks for all five models -> results.json, report.md, figures.
 
-Each stage is a normal `eupe distill` run (its config.yaml, metrics.jsonl and final/ are in the
-output folder), configured from `DemoSettings`. What is NOT done yet (see docs/demo.md): a
-teacher-feature cache pass, and tuning the budget so that `eupe demo` meets its 15-minute target
-and its accuracy targets.
+Teachers run once over a fixed set of K augmented views per pool image and every stage trains
+from those targets (`train.py`: the demo's precomputed-target pass). Torch and onnxruntime run
+on one thread: on a loaded 2-core box small-tensor work is many times slower with two, and
+EfficientNet's outputs change with the thread count, so one thread is also what makes a re-run
+print the same table.
 """
 
 from __future__ import annotations
@@ -23,17 +25,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from PIL import Image
 from tqdm import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EupeError
 from . import bench, figures
 from . import data as D
 from .assets import make_splits
-from .experts import convert_effnet_lite0, effnet_teacher_spec, ocr_teacher_spec
+from .experts import (
+    EFFNET_RESOLUTION,
+    OCR_RESOLUTION,
+    convert_effnet_lite0,
+    effnet_teacher_spec,
+    ocr_teacher_spec,
+)
+from .train import StageSettings, make_views, teacher_targets, train_student
 
 MODEL_NAMES = ("teacher_effnet", "teacher_ocr", "proxy", "eupe_vitt16", "direct_vitt16")
+METRICS = ("knn", "text_iou", "pck")
 
 
 @dataclass
@@ -41,23 +49,24 @@ class DemoSettings:
     """Every number of a demo run (saved to demo_settings.json in the output folder)."""
 
     seed: int = 0
-    pool_size: int = 1200
-    pool_side: int = 224
-    effnet_resolution: int = 160  # multiple of 32; the experts run live every step, so small
-    ocr_resolution: int = 160  # multiple of 16
+    pool_size: int = 600
+    views_per_image: int = 2
+    view_side: int = 192
+    effnet_resolution: int = 160  # teacher targets; multiple of 32
+    ocr_resolution: int = 192  # multiple of 16 (12x12 grid)
     proxy: str = "eupe_vits16"
-    proxy_resolution: int = 128
+    proxy_resolution: int = 96
     student: str = "eupe_vitt16"
-    student_resolution: int = 128
-    pyramid: list[int] = field(default_factory=lambda: [96, 128, 160])
-    steps: tuple[int, int, int] = (150, 150, 50)  # Stages 1, 2, 3; the direct ablation gets the sum
-    batch: int = 32
+    student_resolution: int = 96
+    pyramid: list[int] = field(default_factory=lambda: [64, 96, 128])
+    steps: tuple[int, int, int] = (160, 300, 100)  # Stages 1, 2, 3; the direct ablation gets the sum
+    batch: int = 16
     lr: float = 1e-3
-    warmup: int = 10
-    head_dim: int = 512
-    norm_batches: int = 4
-    threads: int = 0
-    eval_resolution: int = 128  # students' input side in the benchmarks
+    warmup: int = 20
+    head_dim: int = 256
+    threads: int = 1
+    eval_resolution: int = 128  # students' input side in the benchmarks (teachers: their native side)
+    bench_side: int = 224  # benchmark images
     knn_k: int = 1
     text_train: int = 96
     text_test: int = 48
@@ -65,13 +74,11 @@ class DemoSettings:
 
 
 def quick_settings() -> DemoSettings:
-    """`--quick`: the same pipeline on less data and fewer steps (CI smoke run)."""
+    """`--quick`: the same pipeline on less data and fewer steps (CI smoke run, < 2 minutes)."""
     return DemoSettings(
-        pool_size=96,
-        steps=(8, 8, 4),
+        pool_size=48,
+        steps=(12, 12, 6),
         batch=8,
-        norm_batches=2,
-        pyramid=[96, 128],
         text_train=24,
         text_test=12,
         homographies=6,
@@ -84,53 +91,6 @@ def _images_and_regions(text_set: tuple[np.ndarray, np.ndarray, np.ndarray]) -> 
     return images, regions
 
 
-def _write_pool(images: np.ndarray, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        Image.fromarray(img).save(folder / f"{i:05d}.png")
-
-
-def _stage_config(
-    s: DemoSettings,
-    out: Path,
-    name: str,
-    teachers: dict[str, Any],
-    student: dict[str, Any],
-    steps: int,
-    **extra: Any,
-) -> Path:
-    """Write a distill config YAML for one stage (so the run folder documents every number)."""
-    cfg = {
-        "output_dir": str(out / name),
-        "seed": s.seed,
-        "stage": "fixed",
-        "teachers": teachers,
-        "student": student,
-        "heads": {"hidden_dim": s.head_dim},
-        "norm": {"batches": s.norm_batches},
-        "train": {
-            "max_steps": steps,
-            "log_every": max(1, steps // 20),
-            "checkpoint_every": steps,
-            "keep_checkpoints": 1,
-            "global_batch": s.batch,
-            "lr": s.lr,
-            "warmup_steps": min(s.warmup, steps),
-            "device": "cpu",
-            "threads": s.threads,
-        },
-        "data": {
-            "sources": [{"name": "demo_pool", "type": "folder", "path": str(out / "data" / "pool")}],
-            "curated_prob": 0.0,
-        },
-        **extra,
-    }
-    path = out / "configs" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    return path
-
-
 def _spec_dict(spec: Any, resolution: int) -> dict[str, Any]:
     d = dataclasses.asdict(spec)
     d["resolution"] = resolution
@@ -138,11 +98,13 @@ def _spec_dict(spec: Any, resolution: int) -> dict[str, Any]:
     return d
 
 
-def _distill(path: Path) -> Path:
-    from ..distill.config import load_config
-    from ..distill.trainer import distill
-
-    return distill(load_config(path))
+def set_threads(threads: int) -> None:
+    """Fix torch's intra- and inter-op threads (inter-op can only be set once per process)."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already set (a second run in the same process): keep it
+        pass
 
 
 def evaluate(model: bench.Featurizer, sets: dict[str, Any], s: DemoSettings) -> dict[str, float]:
@@ -154,145 +116,262 @@ def evaluate(model: bench.Featurizer, sets: dict[str, Any], s: DemoSettings) -> 
         "knn": knn,
         "text_iou": text,
         "pck": dense["pck"],
+        "pck_warps": dense["pck_warps"],
         "pck_graf": dense.get("pck_graf", float("nan")),
     }
 
 
-def _report(out: Path, results: dict[str, Any]) -> None:
-    metrics = ("knn", "text_iou", "pck", "pck_graf")
-    rows = results["models"]
-    best = {m: max(r[m] for r in rows.values()) for m in metrics}
+def format_table(models: dict[str, dict[str, float]]) -> str:
+    """The results table as markdown, best of each column in bold."""
+    cols = ("knn", "text_iou", "pck", "pck_warps", "pck_graf")
+    best = {m: max(r[m] for r in models.values()) for m in cols}
     lines = [
-        "# eupe demo report",
-        "",
-        "STATUS: first end-to-end wiring; settings untuned (see docs/demo.md).",
-        "",
-        "| model | kNN acc | text IoU | PCK@0.1 | PCK@0.1 graf1->3 |",
-        "|---|---|---|---|---|",
+        "| model | kNN acc | text IoU | PCK@0.1 (all) | PCK warps | PCK graf1->3 |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
-        cells = [f"**{r[m]:.3f}**" if r[m] == best[m] else f"{r[m]:.3f}" for m in metrics]
+    for name, r in models.items():
+        cells = [f"**{r[m]:.3f}**" if r[m] == best[m] else f"{r[m]:.3f}" for m in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
+    return "\n".join(lines)
+
+
+def claim_check(models: dict[str, dict[str, float]]) -> list[str]:
+    """The paper's claim in miniature, as lines: EUPE ViT-T vs the better teacher and vs direct."""
+    eupe, direct = models["eupe_vitt16"], models["direct_vitt16"]
+    lines = []
+    for m in METRICS:
+        best_t = max(models["teacher_effnet"][m], models["teacher_ocr"][m])
+        ratio = eupe[m] / best_t if best_t > 0 else float("nan")
+        ok = "yes" if ratio >= 0.9 else "no"
+        lines.append(
+            f"- {m}: EUPE ViT-T {eupe[m]:.3f} = {ratio:.0%} of the better teacher ({best_t:.3f}); "
+            f"within 10%: {ok}; direct ViT-T {direct[m]:.3f}"
+        )
+    wins = sum(eupe[m] > direct[m] for m in METRICS)
+    mean_e = float(np.mean([eupe[m] for m in METRICS]))
+    mean_d = float(np.mean([direct[m] for m in METRICS]))
+    lines.append(f"- EUPE vs direct: better on {wins}/3 benchmarks; mean score {mean_e:.3f} vs {mean_d:.3f}")
+    return lines
+
+
+def _report(out: Path, results: dict[str, Any], details: dict[str, Any]) -> None:
+    t = results["timings_s"]
+    lines = [
+        "# eupe demo report"
+        + (" (--quick smoke run: too few steps to mean anything)" if details["quick"] else ""),
+        "",
+        format_table(details["models"]),
+        "",
+        "kNN: leave-one-out 1-NN (cosine on cls) over held-out Tux Paint cut-outs, 17 categories.",
+        "text IoU: linear probe on frozen patch tokens, text-line regions at 56x56.",
+        "PCK@0.1: nearest-patch matching, pooled over random homography warps of held-out photos",
+        "and graf1->graf3 (also shown apart). Teachers run at their native side "
+        f"({EFFNET_RESOLUTION}/{OCR_RESOLUTION} px), students at {details['settings']['eval_resolution']} px.",
+        "",
+        "## The paper's claim in miniature",
+        "",
+        *claim_check(details["models"]),
         "",
         "![radar](radar.png)",
         "",
         "![PCA of patch tokens](pca.png)",
         "",
         "![loss curves](loss_curves.png)",
+        "",
+        "## Timings (s)",
+        "",
+        ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
+        "",
+        "## Machine",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in results["machine"].items()),
+        "",
+        "## Settings",
+        "",
+        "```",
+        json.dumps(details["settings"]),
+        "```",
     ]
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings_s"].items())]
-    lines += ["", f"Machine: {results['machine']}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _machine(s: DemoSettings) -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime_threads": s.threads,
+    }
+
+
+def _direct_job(s: DemoSettings, views: torch.Tensor, targets: dict, stage: StageSettings, out: Path) -> None:
+    """The ablation (both experts -> ViT-T directly), in its own single-thread process."""
+    from ..models import create_model
+
+    set_threads(s.threads)
+    t = time.perf_counter()
+    torch.manual_seed(s.seed + 2)  # the direct student starts from the same init as Stage 2's
+    direct = create_model(s.student)
+    train_student(
+        direct, views, targets, stage, s.seed + 4, out / "direct", "direct: experts -> ViT-T", position=1
+    )
+    (out / "direct" / "time.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t, 1)}))
+
+
+def _start_direct(
+    s: DemoSettings, views: torch.Tensor, targets: dict, stage: StageSettings, out: Path
+) -> Any:
+    """Run the direct ablation beside Stages 1-3: two single-thread processes use both cores.
+
+    Each process is single-threaded with its own seeds, so the result does not depend on the
+    scheduling. fork shares the views and targets copy-on-write (no pickling, no files).
+    """
+    import multiprocessing as mp
+
+    job = mp.get_context("fork").Process(
+        target=_direct_job, args=(s, views, targets, stage, out), daemon=True
+    )
+    job.start()
+    return job
+
+
+def _join_direct(job: Any, out: Path) -> torch.nn.Module:
+    from ..models import create_model
+
+    job.join()
+    if job.exitcode != 0:
+        raise EupeError(
+            f"the direct ablation process failed (exit code {job.exitcode}); see its output above"
+        )
+    return create_model(str(out / "direct" / "final"))
 
 
 def run_demo(output_dir: str | os.PathLike = "demo-output", quick: bool = False) -> dict[str, Any]:
     """Run the whole demo into `output_dir`; returns the results.json content."""
+    from ..models import create_model
+    from ..teachers import build_teacher_from_spec
+
     s = quick_settings() if quick else DemoSettings()
     out = Path(output_dir)
     if (out / "results.json").exists() or (out / "stage1").exists():
         raise ConfigError(f"output_dir={str(out)!r} already holds a demo run; pick another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=1) + "\n")
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    set_threads(s.threads)
+    machine = _machine(s)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 1)
+        return now
+
+    # data: the pool, its views, the benchmark sets (all pure functions of the seed)
     splits = make_splits(s.seed)
-    _write_pool(
-        D.training_pool(splits, s.pool_size, s.seed, D.PoolSettings(size=s.pool_side)), out / "data" / "pool"
-    )
+    pool = D.training_pool(splits, s.pool_size, s.seed, D.PoolSettings(size=224))
+    views = make_views(pool, s.views_per_image, s.view_side, s.seed)
+    side = s.bench_side
     sets = {
-        "knn": D.knn_set(splits, s.eval_resolution),
-        "text_train": _images_and_regions(
-            D.text_set(splits, s.text_train, seed=s.seed + 1000, size=s.eval_resolution)
-        ),
-        "text_test": _images_and_regions(
-            D.text_set(splits, s.text_test, seed=s.seed, size=s.eval_resolution)
-        ),
-        "homography": D.homography_set(splits, s.homographies, s.seed, size=s.eval_resolution),
-        "graf": D.graf_pair(160, 128),
+        "knn": D.knn_set(splits, side),
+        "text_train": _images_and_regions(D.text_set(splits, s.text_train, seed=s.seed + 1000, size=side)),
+        "text_test": _images_and_regions(D.text_set(splits, s.text_test, seed=s.seed, size=side)),
+        "homography": D.homography_set(splits, s.homographies, s.seed, size=side),
+        "graf": D.graf_pair(320, 256),
     }
     weights = convert_effnet_lite0(out / "experts" / "effnet_lite0.safetensors")
+    ocr_spec = _spec_dict(ocr_teacher_spec(), OCR_RESOLUTION)
+    ocr_spec["kwargs"]["threads"] = s.threads
     experts = {
-        "effnet": _spec_dict(effnet_teacher_spec(weights), s.effnet_resolution),
-        "ocr": _spec_dict(ocr_teacher_spec(), s.ocr_resolution),
+        "effnet": build_teacher_from_spec(
+            "effnet", _spec_dict(effnet_teacher_spec(weights), EFFNET_RESOLUTION), seed=s.seed
+        ),
+        "ocr": build_teacher_from_spec("ocr", ocr_spec, seed=s.seed),
     }
-    timings["data"] = time.perf_counter() - t0
+    t = lap("data", t0)
+
+    # the experts run once, over every view, at their training-target sides
+    expert_fns = {
+        "effnet": lambda x: experts["effnet"](x, resolution=s.effnet_resolution),
+        "ocr": lambda x: experts["ocr"](x, resolution=s.ocr_resolution),
+    }
+    expert_targets, expert_norm = teacher_targets(expert_fns, views, desc="expert targets (once)")
+    expert_norm.save(out / "experts")
+    t = lap("expert_targets", t)
 
     s1, s2, s3 = s.steps
-    finals: dict[str, Path] = {}
-    t = time.perf_counter()
-    finals["stage1"] = _distill(
-        _stage_config(s, out, "stage1", experts, {"name": s.proxy, "resolution": s.proxy_resolution}, s1)
-    )
-    timings["stage1"] = time.perf_counter() - t
-    proxy_teacher = {
-        "proxy": {"backend": "eupe", "checkpoint": str(finals["stage1"]), "resolution": s.proxy_resolution}
-    }
-    t = time.perf_counter()
-    finals["stage2"] = _distill(
-        _stage_config(
-            s, out, "stage2", proxy_teacher, {"name": s.student, "resolution": s.student_resolution}, s2
-        )
-    )
-    timings["stage2"] = time.perf_counter() - t
-    t = time.perf_counter()
-    finals["stage3"] = _distill(
-        _stage_config(
-            s, out, "stage3", proxy_teacher, {"name": s.student, "init": str(finals["stage2"])}, s3,
-            stage="pyramid", pyramid=list(s.pyramid),
-        )
+    base = dict(batch=s.batch, lr=s.lr, warmup=s.warmup, head_dim=s.head_dim)
+    direct_stage = StageSettings(steps=s1 + s2 + s3, resolutions=(s.student_resolution,), **base)
+    job = _start_direct(s, views, expert_targets, direct_stage, out)
+    torch.manual_seed(s.seed)
+    proxy = create_model(s.proxy)
+    train_student(
+        proxy, views, expert_targets, StageSettings(steps=s1, resolutions=(s.proxy_resolution,), **base),
+        s.seed + 1, out / "stage1", "stage 1: experts -> proxy",
     )  # fmt: skip
-    timings["stage3"] = time.perf_counter() - t
-    t = time.perf_counter()
-    finals["direct"] = _distill(
-        _stage_config(
-            s, out, "direct", experts, {"name": s.student, "resolution": s.student_resolution}, s1 + s2 + s3
-        )
-    )
-    timings["direct"] = time.perf_counter() - t
+    t = lap("stage1", t)
 
-    from ..models import create_model
-    from ..teachers import build_teacher_from_spec
+    proxy_fn = bench.encoder_featurizer(proxy, s.proxy_resolution)
+    proxy_targets, proxy_norm = teacher_targets({"proxy": proxy_fn}, views, desc="proxy targets (once)")
+    proxy_norm.save(out / "stage1" / "final")
+    t = lap("proxy_targets", t)
+
+    torch.manual_seed(s.seed + 2)
+    student = create_model(s.student)
+    student, heads = train_student(
+        student, views, proxy_targets, StageSettings(steps=s2, resolutions=(s.student_resolution,), **base),
+        s.seed + 2, out / "stage2", "stage 2: proxy -> ViT-T",
+    )  # fmt: skip
+    t = lap("stage2", t)
+    train_student(
+        student, views, proxy_targets,
+        StageSettings(steps=s3, resolutions=tuple(s.pyramid), **{**base, "warmup": 0}),
+        s.seed + 3, out / "stage3", "stage 3: multi-resolution", heads=heads,
+    )  # fmt: skip
+    t = lap("stage3", t)
 
     models: dict[str, bench.Featurizer] = {
-        "teacher_effnet": build_teacher_from_spec("effnet", experts["effnet"], seed=s.seed),
-        "teacher_ocr": build_teacher_from_spec("ocr", experts["ocr"], seed=s.seed),
-        "proxy": bench.encoder_featurizer(create_model(str(finals["stage1"])), s.eval_resolution),
-        "eupe_vitt16": bench.encoder_featurizer(create_model(str(finals["stage3"])), s.eval_resolution),
-        "direct_vitt16": bench.encoder_featurizer(create_model(str(finals["direct"])), s.eval_resolution),
+        "teacher_effnet": experts["effnet"],
+        "teacher_ocr": experts["ocr"],
+        "proxy": bench.encoder_featurizer(proxy, s.eval_resolution),
+        "eupe_vitt16": bench.encoder_featurizer(student, s.eval_resolution),
     }
-    t = time.perf_counter()
-    results_models = {}
-    for name in tqdm(MODEL_NAMES, desc="demo evaluations"):
-        results_models[name] = evaluate(models[name], sets, s)
-    timings["evaluations"] = time.perf_counter() - t
-    results = {
-        "models": results_models,
-        "timings_s": timings,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
-        "quick": quick,
-        "status": "first wiring: untuned settings",
-    }
-    t = time.perf_counter()
+    scores = {}
+    bar = tqdm(MODEL_NAMES, desc="demo evaluations")
+    for name in bar:
+        if name == "direct_vitt16":  # evaluated last: its process may still be training
+            bar.set_postfix_str("waiting for the direct ablation")
+            direct = _join_direct(job, out)
+            timings["direct (parallel process)"] = json.loads((out / "direct" / "time.json").read_text())[
+                "seconds"
+            ]
+            models[name] = bench.encoder_featurizer(direct, s.eval_resolution)
+        scores[name] = evaluate(models[name], sets, s)
+    t = lap("evaluations", t)
+
     figures.loss_curves(
         {n: out / n for n in ("stage1", "stage2", "stage3", "direct")}, out / "loss_curves.png"
     )
-    figures.radar(results_models, out / "radar.png")
+    figures.radar({n: {m: r[m] for m in METRICS} for n, r in scores.items()}, out / "radar.png")
     pca_images = np.stack(
         [sets["text_test"][0][0], sets["text_test"][0][1], sets["knn"][0][0], sets["homography"][0][0]]
     )
     figures.pca_grid(models, pca_images, out / "pca.png")
-    timings["figures"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    lap("figures", t)
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    results = {
+        "models": {n: {m: r[m] for m in METRICS} for n, r in scores.items()},
+        "timings_s": timings,
+        "machine": machine,
+    }
+    details = {"models": scores, "settings": dataclasses.asdict(s), "quick": quick}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    _report(out, results)
+    (out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
+    _report(out, results, details)
     return results
