@@ -71,7 +71,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _build(name: str, size: int, device: str, weights: str | None = None) -> tuple[nn.Module, str]:
+def _build(name: str, size: int | None, device: str, weights: str | None = None) -> tuple[nn.Module, str]:
     """A zoo model, a `save_pretrained` folder, or any timm architecture (random init)."""
     if name in ZOO or os.path.isdir(name):
         if device == "meta" and name not in ZOO:
@@ -83,8 +83,10 @@ def _build(name: str, size: int, device: str, weights: str | None = None) -> tup
         raise EupeError(f"unknown model '{name}': not a zoo name ({', '.join(ZOO)}), folder or timm model")
     with torch.device(device):
         try:  # ViTs: build at this size so the position embedding and grid match it
+            if size is None:
+                raise TypeError
             model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size)
-        except TypeError:
+        except TypeError:  # native size (the parameter count), or a model without img_size
             model = timm.create_model(name, pretrained=False, num_classes=0)
     return model.eval(), "timm"
 
@@ -224,10 +226,11 @@ def _flops_row(name: str, sizes: Sequence[int]) -> CostRow:
     for size in sizes:
         model, kind = _build(name, size, "meta")
         if row is None:
+            # timm ViTs resize their position embedding with img_size: count at the native size.
             params = (
                 count_params(model, "official")
                 if kind == "zoo"
-                else sum(p.numel() for p in model.parameters())
+                else sum(p.numel() for p in _build(name, None, "meta")[0].parameters())
             )
             row = CostRow(model=name, kind=kind, params=params)
         stride = getattr(model, "stride", None)
