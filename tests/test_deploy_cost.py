@@ -63,7 +63,7 @@ def test_proxy_and_timm_teacher_are_flops_only_on_meta():
 def test_eager_latency_and_markdown():
     table = cost_table(["eupe_vitt16"], sizes=[64], runtimes=["eager"], runs=2, warmup=1, threads=1)
     row = table["rows"][0]
-    assert row["latency_ms"]["eager"][64] > 0
+    assert row["latency_ms"]["eager"][64] > 0 and 0 < row["cpu_ms"]["eager"][64]
     md = to_markdown(table)
     assert FLOP_CONVENTION in md and "1 thread(s)" in md and "| eupe_vitt16 | 5.49 |" in md
 

@@ -49,6 +49,7 @@ class CostRow:
     gflops: dict[int, float] = field(default_factory=dict)
     grid: dict[int, list[int]] = field(default_factory=dict)
     latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    cpu_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # calling thread, see `measure`
     notes: list[str] = field(default_factory=list)
 
 
@@ -193,8 +194,9 @@ def cost_table(
                             if kind == "timm"
                             else make_runner(runtime, model, size, Path(tmp), threads)
                         )
-                        ms = measure_latency(runner, images, runs, warmup)
-                        row.latency_ms.setdefault(runtime, {})[size] = ms
+                        timing = measure(runner, images, runs, warmup)
+                        row.latency_ms.setdefault(runtime, {})[size] = timing["wall_ms"]
+                        row.cpu_ms.setdefault(runtime, {})[size] = timing["cpu_ms"]
                     jobs.update(1)
             rows.append(row)
     jobs.close()
@@ -205,6 +207,8 @@ def cost_table(
             "'official'); timm models: module parameters",
             "latency": f"median of {runs} runs after {warmup} warm-up runs, batch 1, fp32, "
             f"{threads} thread(s), CPU",
+            "cpu_ms": "median CPU time of the calling thread; with 1 thread, the compute time even "
+            "when other processes share the cores (latency_ms is wall time)",
             "threads": threads,
             "runs": runs,
             "warmup": warmup,
