@@ -59,7 +59,7 @@ class DemoSettings:
     student: str = "eupe_vitt16"
     student_resolution: int = 96
     pyramid: list[int] = field(default_factory=lambda: [64, 96, 128])
-    steps: tuple[int, int, int] = (160, 300, 100)  # Stages 1, 2, 3; the direct ablation gets the sum
+    steps: tuple[int, int, int] = (100, 250, 80)  # Stages 1, 2, 3; the direct ablation gets the sum
     batch: int = 16
     lr: float = 1e-3
     warmup: int = 20
@@ -68,9 +68,9 @@ class DemoSettings:
     eval_resolution: int = 128  # students' input side in the benchmarks (teachers: their native side)
     bench_side: int = 224  # benchmark images
     knn_k: int = 1
-    text_train: int = 96
-    text_test: int = 48
-    homographies: int = 24
+    text_train: int = 64
+    text_test: int = 32
+    homographies: int = 16
 
 
 def quick_settings() -> DemoSettings:
