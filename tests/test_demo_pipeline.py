@@ -86,3 +86,15 @@ def test_quick_is_the_same_pipeline_on_less():
     full, quick = DemoSettings(), quick_settings()
     assert quick.pool_size < full.pool_size and sum(quick.steps) < sum(full.steps)
     assert quick.threads == full.threads == 1 and quick.pyramid == full.pyramid
+
+
+def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
+    from eupe.demo.pipeline import fit_summary
+
+    (tmp_path / "stage2").mkdir()
+    rows = [
+        {"step": i, "loss/proxy/cls_cos": 1.0 - i / 20, "loss/proxy/patch_cos": 0.5} for i in range(1, 21)
+    ]
+    (tmp_path / "stage2" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (line,) = fit_summary(tmp_path, last=2)
+    assert line == "- stage2 (20 steps): proxy/cls_cos 0.025, proxy/patch_cos 0.500"
