@@ -418,7 +418,7 @@ class Distiller:
         images, since = self._window
         now = time.perf_counter()
         self._window = (0, now)
-        row = {"step": self.step, "lr": lrs["student"] if len(lrs) == 1 else lrs, **logged}
+        row = {"step": self.step, "lr": next(iter(lrs.values())) if len(lrs) == 1 else lrs, **logged}
         row["images_per_s"] = images / max(now - since, 1e-9)
         row["data/skipped"] = self.loader.stats()["skipped"]  # unreadable files so far
         if self.rank:
