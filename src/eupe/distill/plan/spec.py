@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
@@ -99,10 +98,6 @@ def spec_from_config(cfg: Any, name: str = "config", arch: dict[str, str] | None
     student_res = pyramid if stage == "pyramid" else [int(s.resolution)]
     student = NetSpec("eupe", s.name, student_res, dict(s.overrides or {}))
     teachers = {t: _teacher_spec(t, spec, stage, pyramid, arch) for t, spec in cfg.teachers.items()}
-    data = getattr(cfg, "data", None)
-    size = next(
-        (getattr(data, k) for k in ("size", "num_images", "dataset_size") if getattr(data, k, None)), None
-    )
     return PlanSpec(
         name=name,
         student=student,
@@ -110,83 +105,17 @@ def spec_from_config(cfg: Any, name: str = "config", arch: dict[str, str] | None
         hidden_dim=int(cfg.heads.hidden_dim),
         global_batch=int(cfg.train.global_batch),
         max_steps=int(cfg.train.max_steps),
-        accum_steps=int(getattr(cfg.train, "accum_steps", 1)),
-        dataset_size=int(size) if size else None,
-    )
-
-
-def _yaml_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    """Fallback reader: a YAML file with its `defaults: [files]` merged underneath (as config.py does)."""
-    from omegaconf import OmegaConf
-
-    path = path.resolve()
-    if path in seen or not path.is_file():
-        raise ConfigError(f"{path}: no such config file (or a `defaults` cycle)")
-    raw = OmegaConf.load(path)
-    bases = raw.pop("defaults", None) or []
-    merged = OmegaConf.create({})
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = OmegaConf.merge(merged, _yaml_with_defaults(path.parent / str(base), (*seen, path)))
-    return OmegaConf.merge(merged, raw)
-
-
-def _plain_config(path: str, overrides: list[str] | tuple[str, ...]) -> Any:
-    """The fields plan reads, with DistillConfig's defaults, straight from YAML (no schema needed)."""
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
-    from ...teachers.spec import TeacherSpec
-
-    merged = OmegaConf.merge(_yaml_with_defaults(Path(path)), OmegaConf.from_dotlist(list(overrides)))
-    d = OmegaConf.to_container(merged, resolve=True)
-    assert isinstance(d, dict)
-    student, train, heads = d.get("student") or {}, d.get("train") or {}, d.get("heads") or {}
-    teachers = {k: TeacherSpec(**(v or {})) for k, v in (d.get("teachers") or {}).items()}
-    return SimpleNamespace(
-        stage=d.get("stage", "fixed"),
-        pyramid=d.get("pyramid", [256, 384, 512]),
-        student=SimpleNamespace(
-            name=student.get("name", "eupe_vitb16"),
-            resolution=student.get("resolution", 256),
-            overrides=student.get("overrides") or {},
-        ),
-        teachers=teachers,
-        heads=SimpleNamespace(hidden_dim=heads.get("hidden_dim", 3072)),
-        train=SimpleNamespace(
-            global_batch=train.get("global_batch", 256),
-            max_steps=train.get("max_steps", 1000),
-            accum_steps=train.get("accum_steps", 1),
-        ),
-        data=SimpleNamespace(**(d.get("data") or {})),
+        accum_steps=int(cfg.train.accum_steps),
     )
 
 
 def load_plan_spec(
     path: str, overrides: list[str] | tuple[str, ...] = (), arch: dict[str, str] | None = None
 ) -> PlanSpec:
-    """Read a distill YAML through the config schema of `eupe distill` (eupe.distill.config), without
-    the checks that need files on disk: a plan is made before `student.init` and the Stage-1 proxy
-    exist. The `data` section is read as plain YAML (plan needs only an optional dataset size
-    from it). If the schema module cannot be imported, the whole YAML is read with OmegaConf."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """Read a distill config exactly as `eupe distill` does (same schema, `defaults`, `key=value` and
+    `~key` overrides, validation). Files on disk are not checked (`check_paths` is separate): a plan
+    is made before `student.init` and the Stage-1 proxy exist. The dataset size comes from
+    `--dataset-size`."""
+    from ..config import load_config
 
-    try:
-        from ..config import DistillConfig, _read_yaml
-    except ImportError:
-        cfg = _plain_config(path, overrides)
-        return spec_from_config(cfg, name=os.path.basename(str(path)), arch=arch)
-    try:
-        raw = OmegaConf.merge(_read_yaml(Path(path)), OmegaConf.from_dotlist(list(overrides)))
-        data = OmegaConf.to_container(raw.pop("data", None) or OmegaConf.create({}), resolve=True)
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DistillConfig), raw))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: invalid config: {str(e).splitlines()[0]}") from None
-    spec = spec_from_config(cfg, name=os.path.basename(str(path)), arch=arch)
-    size = next(
-        (data[k] for k in ("size", "num_images", "dataset_size") if isinstance(data, dict) and data.get(k)),
-        None,
-    )
-    spec.dataset_size = int(size) if size else spec.dataset_size
-    return spec
+    return spec_from_config(load_config(path, overrides), name=os.path.basename(str(path)), arch=arch)
