@@ -35,6 +35,7 @@ class StudentConfig:
     init_heads: bool = True  # also start the adapter heads from init's heads.safetensors where they fit
     rope_rescale_coords: float | None = 2.0  # ViT training-time RoPE rescale (official recipe)
     overrides: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. drop_path_rate
+    mimetic_init: bool = False  # ViTs from scratch: mimetic attention init (eupe.models.init)
 
 
 @dataclass
@@ -225,6 +226,11 @@ def _validate_student(cfg: DistillConfig, s: StudentConfig, key: str) -> None:
         raise ConfigError(
             f"{key}.name: unknown model {s.name!r}; students: {', '.join(STUDENTS)} "
             f"(all zoo models: {', '.join(ZOO)})"
+        )
+    if s.mimetic_init and (s.init or ZOO[s.name].family != "vit"):
+        raise ConfigError(
+            f"{key}.mimetic_init: draws fresh ViT attention weights; it needs a ViT student "
+            f"({s.name} is a {ZOO[s.name].family}) and no {key}.init"
         )
     stride = ZOO[s.name].stride
     if cfg.stage == "pyramid":

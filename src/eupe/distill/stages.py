@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.encoder import Encoder
+from ..models.init import mimetic_init_
 from ..models.loading import CONFIG_NAME, load_weights
 from ..models.zoo import ZOO
 from .checkpoint import load_state, save_state
@@ -61,6 +62,8 @@ def build_student(cfg: StudentConfig, device: torch.device | str | None = None) 
         ) from None
     if cfg.init:
         load_weights(model, cfg.init)
+    elif cfg.mimetic_init:
+        mimetic_init_(model)
     return model
 
 

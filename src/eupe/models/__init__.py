@@ -1,6 +1,7 @@
 """Encoders the project trains and ships, and how their weights load."""
 
 from .encoder import Encoder, EncoderOutput, count_params, feature_map_to_output, vit_tokens_to_output
+from .init import mimetic_init_
 from .loading import create_model, load_weights, read_state_dict
 from .zoo import STUDENTS, ZOO, ZooSpec, get_spec
 
@@ -14,6 +15,7 @@ __all__ = [
     "create_model",
     "feature_map_to_output",
     "get_spec",
+    "mimetic_init_",
     "load_weights",
     "read_state_dict",
     "vit_tokens_to_output",
