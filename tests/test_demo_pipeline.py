@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eupe.demo.bench import encoder_featurizer
 from eupe.demo.pipeline import DemoSettings, claim_check, format_table, quick_settings
-from eupe.demo.train import StageSettings, make_views, teacher_targets, train_student
+from eupe.demo.train import OnlineTeacher, StageSettings, make_views, teacher_targets, train_student
 from eupe.models import create_model
 from eupe.models.encoder import feature_map_to_output
 
@@ -64,6 +65,28 @@ def test_train_student_learns_saves_and_repeats_bit_identically(tmp_path: Path):
     loaded = create_model(str(tmp_path / "a" / "final"))
     assert (tmp_path / "a" / "final" / "heads.safetensors").is_file()
     assert torch.equal(torch.cat([p.detach().flatten() for p in loaded.parameters()]), weights[0])
+
+
+def test_stage3_teacher_draws_its_own_scale_and_is_normalized_like_stage2(tmp_path: Path):
+    """Paper 3.3: the student and the (frozen, online) teacher pick pyramid scales independently."""
+    views = make_views(_pool(4), 2, 32, seed=0, progress=False)
+    torch.manual_seed(3)
+    proxy = create_model("eupe_vitt16")
+    targets, norm = teacher_targets({"proxy": encoder_featurizer(proxy, 32)}, views)
+    online = OnlineTeacher(proxy, norm, "proxy", (32, 48))
+    assert online.dims == targets["proxy"].dims == (192, 192)
+    idx = torch.tensor([1, 3])
+    y = online.batch(views, idx, 32)  # at the Stage-2 side it reproduces the precomputed targets
+    assert torch.allclose(y.cls, targets["proxy"].cls[idx], atol=1e-5)
+    assert torch.allclose(y.patches, targets["proxy"].patches[idx].float(), atol=2e-2)
+    assert online.batch(views, idx, 48).grid == (3, 3)
+    s = StageSettings(steps=8, batch=2, lr=1e-3, warmup=0, resolutions=(32, 48), head_dim=16)
+    student = create_model("eupe_vitt16")
+    train_student(student, views, {"proxy": online}, s, seed=1, out_dir=tmp_path, desc="s3")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    pairs = {(r["resolution"], r["teacher_resolution/proxy"]) for r in rows}
+    assert {r for r, _ in pairs} == {32, 48} and {t for _, t in pairs} == {32, 48}
+    assert any(a != b for a, b in pairs)  # drawn independently, not tied to the student's side
 
 
 def test_report_table_bolds_the_best_and_checks_the_claim():

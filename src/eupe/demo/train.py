@@ -32,7 +32,7 @@ from ..distill.loss import teacher_loss, total_loss
 from ..distill.norm import TeacherNorm
 from ..distill.optim import CosineSchedule, build_optimizer
 from ..models.encoder import EncoderOutput
-from .bench import IMAGENET_MEAN, IMAGENET_STD
+from .bench import IMAGENET_MEAN, IMAGENET_STD, encoder_featurizer
 from .data import random_crop
 
 ViewModel = Callable[[torch.Tensor], EncoderOutput]  # views in [0,1] -> raw outputs
@@ -45,6 +45,40 @@ class Targets:
     cls: torch.Tensor
     patches: torch.Tensor  # float16 (unit-variance after TeacherNorm), halves the memory
     grid: tuple[int, int]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.cls.shape[1], self.patches.shape[2]
+
+    def batch(self, views: torch.Tensor, idx: torch.Tensor, resolution: int) -> EncoderOutput:
+        return EncoderOutput(self.cls[idx], self.patches[idx].float(), None, self.grid)
+
+
+@dataclass
+class OnlineTeacher:
+    """A frozen eupe encoder run inside the loop, at its own scale drawn per step (Stage 3).
+
+    Paper 3.3: "the student and the teacher randomly select one scale from the pyramid
+    independently". Its outputs are standardized with the `TeacherNorm` measured for Stage 2, so
+    the Stage-2 adapter heads keep their meaning.
+    """
+
+    encoder: torch.nn.Module
+    norm: TeacherNorm
+    name: str
+    resolutions: tuple[int, ...]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.norm.dims(self.name)
+
+    def batch(self, views: torch.Tensor, idx: torch.Tensor, resolution: int) -> EncoderOutput:
+        # the same featurizer as the precomputed Stage-2 proxy targets, at this step's side
+        raw = encoder_featurizer(self.encoder, resolution)(views[idx].float().div_(255))
+        with torch.no_grad():  # clone: inference tensors cannot be loss targets
+            return self.norm.normalize(
+                self.name, EncoderOutput(raw.cls.clone(), raw.patches.clone(), None, tuple(raw.grid))
+            )
 
 
 def make_views(pool: np.ndarray, k: int, size: int, seed: int, progress: bool = True) -> torch.Tensor:
@@ -126,7 +160,7 @@ class StageSettings:
 def train_student(
     student: torch.nn.Module,
     views: torch.Tensor,
-    targets: dict[str, Targets],
+    targets: dict[str, Targets | OnlineTeacher],
     s: StageSettings,
     seed: int,
     out_dir: Path,
@@ -136,10 +170,11 @@ def train_student(
 ) -> tuple[torch.nn.Module, TeacherHeads]:
     """Distill `targets` into `student` (in place) and save it to out_dir/final; logs metrics.jsonl.
 
-    `heads` continues earlier adapter heads (Stage 3 after Stage 2: same proxy teacher).
+    `heads` continues earlier adapter heads (Stage 3 after Stage 2: same proxy teacher). An
+    `OnlineTeacher` draws its own input side from its pyramid each step, after the student's draw.
     """
     torch.manual_seed(seed)
-    dims = {n: (t.cls.shape[1], t.patches.shape[2]) for n, t in targets.items()}
+    dims = {n: t.dims for n, t in targets.items()}
     if heads is None:
         heads = TeacherHeads(student.embed_dim, dims, s.head_dim)
     student.train()
@@ -160,12 +195,13 @@ def train_student(
         pos += s.batch
         res = s.resolutions[int(torch.randint(len(s.resolutions), (1,), generator=gen))]
         out = student(student_input(views[idx], res))
-        per = {}
+        per, teacher_res = {}, {}
         for name, t in targets.items():
+            sides = getattr(t, "resolutions", (0,))  # precomputed targets: no draw
+            teacher_res[name] = sides[int(torch.randint(len(sides), (1,), generator=gen))]
+            y = t.batch(views, idx, teacher_res[name])
             z_cls, z_patch = heads(out, name)
-            per[name] = teacher_loss(
-                z_cls, z_patch, tuple(out.grid), t.cls[idx], t.patches[idx].float(), t.grid
-            )
+            per[name] = teacher_loss(z_cls, z_patch, tuple(out.grid), y.cls, y.patches, tuple(y.grid))
         loss, logged = total_loss(per)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,6 +209,7 @@ def train_student(
         opt.step()
         sched.step()
         row = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.current_lr, "resolution": res}
+        row.update({f"teacher_resolution/{n}": r for n, r in teacher_res.items() if r})
         row.update(logged, grad_norm=float(grad_norm))
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.3f}")

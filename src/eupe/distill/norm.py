@@ -46,6 +46,10 @@ class TeacherNorm(nn.Module):
     def _buf(self, teacher: str, name: str) -> torch.Tensor:
         return getattr(self, f"{teacher}__{name}")
 
+    def dims(self, teacher: str) -> tuple[int, int]:
+        """(cls width, patch width) of one teacher."""
+        return self._buf(teacher, "cls_mean").shape[0], self._buf(teacher, "patch_mean").shape[0]
+
     @torch.no_grad()
     def observe(self, teacher: str, out: EncoderOutput) -> None:
         """Accumulate statistics from one batch of raw teacher outputs."""
