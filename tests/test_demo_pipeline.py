@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -121,3 +122,23 @@ def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
     (tmp_path / "stage2" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (line,) = fit_summary(tmp_path, last=2)
     assert line == "- stage2 (20 steps): proxy/cls_cos 0.025, proxy/patch_cos 0.500"
+
+
+def test_heldout_cosine_scores_the_heads_against_normalized_targets():
+    from eupe.demo.train import heldout_cosine
+    from eupe.distill.heads import TeacherHeads
+    from eupe.models.encoder import EncoderOutput
+
+    torch.manual_seed(0)
+    student = create_model("eupe_vitt16").eval()
+    heads = TeacherHeads(192, {"t": (6, 5)}, 16).eval()
+    with torch.no_grad():
+        out = student(torch.randn(3, 3, 32, 32))
+        z_cls, z_patch = heads(out, "t")
+    exact = EncoderOutput(z_cls, z_patch, None, tuple(out.grid))
+    assert heldout_cosine(out, heads, exact, "t") == pytest.approx({"cls_cos_sim": 1.0, "patch_cos_sim": 1.0})
+    flipped = EncoderOutput(-z_cls, -z_patch, None, tuple(out.grid))
+    assert heldout_cosine(out, heads, flipped, "t")["cls_cos_sim"] == pytest.approx(-1.0)
+    # a target on a coarser grid is compared after the loss's own grid matching
+    coarse = EncoderOutput(z_cls, torch.randn(3, 1, 5), None, (1, 1))
+    assert -1.0 <= heldout_cosine(out, heads, coarse, "t")["patch_cos_sim"] <= 1.0

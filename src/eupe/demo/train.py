@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..distill.heads import TeacherHeads
-from ..distill.loss import teacher_loss, total_loss
+from ..distill.loss import match_grids, teacher_loss, total_loss
 from ..distill.norm import TeacherNorm
 from ..distill.optim import CosineSchedule, build_optimizer
 from ..models.encoder import EncoderOutput
@@ -220,3 +220,21 @@ def train_student(
     student.save_pretrained(final)
     heads.save(final)
     return student, heads
+
+
+@torch.no_grad()
+def heldout_cosine(
+    out: EncoderOutput, heads: TeacherHeads, target: EncoderOutput, name: str
+) -> dict[str, float]:
+    """How well a student's adapter head for teacher `name` predicts its normalized `target`.
+
+    `out` is the student's output on the same images. Mean cosine similarity, cls and patches (the
+    training loss's terms as similarities). On training views vs held-out images it separates "not
+    fitted yet" (both low) from "fitted the pool but does not generalize" (train high, held-out low).
+    """
+    z_cls, z_patch = heads(out, name)
+    z_patch, y_patch = match_grids(z_patch, tuple(out.grid), target.patches, tuple(target.grid))
+    return {
+        "cls_cos_sim": float(F.cosine_similarity(z_cls, target.cls, dim=-1).mean()),
+        "patch_cos_sim": float(F.cosine_similarity(z_patch, y_patch, dim=-1).mean()),
+    }
