@@ -294,7 +294,6 @@ def fresh_model(name: str, seed: int, mimetic: bool) -> torch.nn.Module:
 
 def _direct_job(s: DemoSettings, views: torch.Tensor, targets: dict, stage: StageSettings, out: Path) -> None:
     """The ablation (both experts -> ViT-T directly), in its own single-thread process."""
-
     set_threads(s.threads)
     t = time.perf_counter()
     direct = fresh_model(s.student, s.seed + 2, s.mimetic_students)  # the same init as Stage 2's student
