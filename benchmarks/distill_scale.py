@@ -143,7 +143,7 @@ def bare(views: list[torch.Tensor], steps: int) -> list[float]:
         y = teacher(v)  # inference-mode tensors: clone into normal ones for autograd
         y_cls, y_patches = y.cls.clone(), y.patches.clone()
         out = student((v - mean) / std)
-        z_cls, z_patch = heads(out, "small")
+        z_cls, z_patch = heads(out, ["small"])["small"]
         loss = (
             (1 - F.cosine_similarity(z_cls, y_cls, dim=-1)).mean()
             + 0.9 * (1 - F.cosine_similarity(z_patch, y_patches, dim=-1)).mean()

@@ -134,7 +134,7 @@ def test_heldout_cosine_scores_the_heads_against_normalized_targets():
     heads = TeacherHeads(192, {"t": (6, 5)}, 16).eval()
     with torch.no_grad():
         out = student(torch.randn(3, 3, 32, 32))
-        z_cls, z_patch = heads(out, "t")
+        z_cls, z_patch = heads(out, ["t"])["t"]
     exact = EncoderOutput(z_cls, z_patch, None, tuple(out.grid))
     assert heldout_cosine(out, heads, exact, "t") == pytest.approx({"cls_cos_sim": 1.0, "patch_cos_sim": 1.0})
     flipped = EncoderOutput(-z_cls, -z_patch, None, tuple(out.grid))

@@ -131,7 +131,7 @@ def test_heads_shapes_for_every_student_teacher_pair(student):
         heads = TeacherHeads(student_dim(model), {t: (c, p) for t, (c, p, _) in teachers.items()}, 3072)
     out = model(torch.empty(2, 3, 256, 256, device="meta"))
     for teacher, (c, p, side) in teachers.items():
-        z_cls, z_patch = heads(out, teacher)
+        z_cls, z_patch = heads(out, [teacher])[teacher]
         assert z_cls.shape == (2, c)
         assert z_patch.shape == (2, out.grid[0] * out.grid[1], p)
         assert heads.cls[teacher][0].in_features == model.embed_dim

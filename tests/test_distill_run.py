@@ -87,7 +87,7 @@ def test_tiny_stages_chain_and_loss_falls(runs, stage):
     heads, norm = TeacherHeads.load(final), TeacherNorm.load(final)
     assert list(heads.teacher_dims) == teachers and norm.teachers == teachers and bool(norm.frozen)
     with torch.no_grad():
-        cls, patches = heads(student(torch.rand(1, 3, 64, 64)), teachers[0])
+        cls, patches = heads(student(torch.rand(1, 3, 64, 64)), teachers[:1])[teachers[0]]
     assert cls.shape[0] == 1 and patches.shape[1] == 16
     # the ViT students train with the official RoPE coordinate rescale
     assert json.loads((final / "config.json").read_text())["overrides"]["rope_rescale_coords"] == 2.0
@@ -159,14 +159,15 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(runs, tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert [s for s, _ in list_checkpoints(out)] == [10, 20] and not (out / "final").exists()
     assert len(_metrics(out)) == 24
-    # a kill while writing step_30 would have left a partial temporary folder: resume ignores it
-    stale = out / "checkpoints" / ".tmp-step_30-x"
+    # a kill while writing step_30 would have left it without its COMPLETE marker: resume ignores it
+    stale = out / "checkpoints" / "step_30"
     stale.mkdir()
     (stale / "trainer.json").write_text("{")
+    assert [s for s, _ in list_checkpoints(out)] == [10, 20]
 
     _distill("--resume", str(out))
 
-    assert not stale.exists()
+    assert (stale / "COMPLETE").is_file() and json.loads((stale / "trainer.json").read_text())["step"] == 30
     ref = runs["S1"]  # the same config, uninterrupted
     for name in ("model.safetensors", "heads.safetensors", "teacher_norm.safetensors"):
         a, b = load_file(str(ref / "final" / name)), load_file(str(out / "final" / name))
@@ -185,15 +186,16 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys)
     def poisoned(self, s, views, targets, resolution):
         loss, terms = loss_fn(self, s, views, targets, resolution)
         if self.step + 1 == 13:
-            loss, terms = loss * float("nan"), {**terms, "loss/vit_a/patch_cos": float("nan")}
+            loss, terms = loss * float("nan"), {**terms, "loss/vit_a/patch_cos": torch.tensor(float("nan"))}
         return loss, terms
 
     monkeypatch.setattr(trainer.Distiller, "student_loss", poisoned)
     out = tmp_path / "nan"
     code = main(["distill", str(REPO / "configs/tiny/stage1.yaml"), f"output_dir={out}", *QUIET])
     err = capsys.readouterr().err
-    assert code == 2
-    assert "loss is nan at step 13 (loss/vit_a/patch_cos=nan)" in err and "step_10" in err
+    assert code == 3  # TrainingDiverged
+    assert "training diverged at step 13: grad_norm=nan" in err and "loss/vit_a/patch_cos=nan" in err
+    assert "step_10" in err and len(err.strip().splitlines()) == 1
     assert [s for s, _ in list_checkpoints(out)] == [10] and not (out / "final").exists()
     assert json.loads((out / "checkpoints/step_10/trainer.json").read_text())["step"] == 10
     assert [r["step"] for r in _metrics(out)] == list(range(1, 13))

@@ -1,7 +1,8 @@
 """The `eupe` command. Thin: parse arguments, call the library, print, exit.
 
 Each subcommand is a `_cmd_<name>(sub)` function that adds its parser and sets `run`.
-Errors derived from `EupeError` print as one line and exit with status 2.
+Errors derived from `EupeError` print as one line and exit with their `exit_code` (2: bad input or
+start-up; 3: a diverged training run).
 """
 
 from __future__ import annotations
@@ -529,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except EupeError as e:
         print(f"eupe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"eupe {args.command}: interrupted", file=sys.stderr)
         return 130

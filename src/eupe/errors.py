@@ -2,7 +2,12 @@
 
 
 class EupeError(Exception):
-    """Base class: a user-facing error whose message says what is wrong and how to fix it."""
+    """Base class: a user-facing error whose message says what is wrong and how to fix it.
+
+    `exit_code` is the CLI's exit status for it: 2 for bad input (configs, files, start-up).
+    """
+
+    exit_code = 2
 
 
 class CheckpointError(EupeError, ValueError):

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.encoder import EncoderOutput
+from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .data import correspondences
 
 Featurizer = Callable[[torch.Tensor], EncoderOutput]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def encoder_featurizer(encoder: torch.nn.Module, resolution: int | None = None) -> Featurizer:

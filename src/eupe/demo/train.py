@@ -200,7 +200,7 @@ def train_student(
             sides = getattr(t, "resolutions", (0,))  # precomputed targets: no draw
             teacher_res[name] = sides[int(torch.randint(len(sides), (1,), generator=gen))]
             y = t.batch(views, idx, teacher_res[name])
-            z_cls, z_patch = heads(out, name)
+            z_cls, z_patch = heads(out, [name])[name]
             per[name] = teacher_loss(z_cls, z_patch, tuple(out.grid), y.cls, y.patches, tuple(y.grid))
         loss, logged = total_loss(per)
         opt.zero_grad(set_to_none=True)
@@ -210,7 +210,7 @@ def train_student(
         sched.step()
         row = {"step": step + 1, "loss": float(loss.detach()), "lr": sched.current_lr, "resolution": res}
         row.update({f"teacher_resolution/{n}": r for n, r in teacher_res.items() if r})
-        row.update(logged, grad_norm=float(grad_norm))
+        row.update({k: float(v) for k, v in logged.items()}, grad_norm=float(grad_norm))
         log.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.3f}")
     log.close()
@@ -232,6 +232,6 @@ def heldout_cosine(
     training loss's terms as similarities). On training views vs held-out images it separates "not
     fitted yet" (both low) from "fitted the pool but does not generalize" (train high, held-out low).
     """
-    z_cls, z_patch = heads(out, name)
+    z_cls, z_patch = heads(out, [name])[name]
     terms = teacher_loss(z_cls, z_patch, tuple(out.grid), target.cls, target.patches, tuple(target.grid))
     return {"cls_cos_sim": 1.0 - float(terms["cls_cos"]), "patch_cos_sim": 1.0 - float(terms["patch_cos"])}

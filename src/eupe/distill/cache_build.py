@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from ..data import BadImage, build_loader, make_view, open_sources, shard_items
 from ..errors import ConfigError
+from ..runtime import init_distributed, pick_device, seed_everything
 from ..teachers import build_teacher_from_spec
 from .cache import CACHE_FILE, DTYPES, VIEW_SEED, CacheConfig, shard_name
 from .config import DistillConfig, load_config, micro_batch, student_resolutions
-from .norm import TeacherNorm
+from .norm import TeacherNorm, measure_norm
 
 
 def parse_cache_overrides(overrides: list[str]) -> tuple[CacheConfig, list[str]]:
@@ -100,21 +101,13 @@ def _measure_norm(
 ) -> TeacherNorm:
     norm = TeacherNorm({n: (t.cls_dim, t.patch_dim) for n, t in teachers.items()}).to(device)
     loader = build_loader(cfg.data, micro_batch(cfg), view_size, cfg.seed, rank, world)
-    for _ in tqdm(range(cfg.norm.batches), desc="TeacherNorm", disable=not progress):
-        views = next(loader).views.to(device)
-        for name, teacher in teachers.items():
-            norm.observe(name, teacher(views))
-    if world > 1:
-        for name, buf in norm.named_buffers():
-            if name.endswith(("_sum", "_sumsq", "_count")):
-                torch.distributed.all_reduce(buf)
-    norm.freeze()
-    return norm
+    n = cfg.norm.batches * cfg.train.accum_steps  # norm.batches counts optimizer steps
+    views = (next(loader).views.to(device) for _ in tqdm(range(n), desc="TeacherNorm", disable=not progress))
+    return measure_norm(norm, teachers, views)
 
 
 def build_cache(cfg: DistillConfig, cc: CacheConfig) -> dict[str, Any]:
     """Write the cache for `cfg` into `cc.dir`; returns the summary also stored in cache.json."""
-    from .trainer import _init_distributed, _pick_device, _seed_everything
 
     if cfg.stage == "pyramid":
         raise ConfigError("stage 'pyramid' draws teacher scales per iteration; cache a fixed-stage config")
@@ -123,11 +116,11 @@ def build_cache(cfg: DistillConfig, cc: CacheConfig) -> dict[str, Any]:
     out = Path(cc.dir)
     if (out / CACHE_FILE).exists():
         raise ConfigError(f"cache.dir={cc.dir!r} already holds a cache; choose another folder")
-    rank, world = _init_distributed()
-    device = _pick_device(cfg.train.device, rank)
+    device = pick_device(cfg.train.device)
+    rank, world = init_distributed(device, cfg.train.dist_timeout_s)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     teachers = {
         n: build_teacher_from_spec(n, s, seed=cfg.seed, device=device).to(device).eval()
         for n, s in cfg.teachers.items()

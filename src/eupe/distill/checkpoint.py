@@ -1,10 +1,13 @@
-"""Training checkpoints: atomic folders of safetensors + JSON (never pickle).
+"""Training checkpoints: folders of safetensors + JSON (never pickle), committed by a marker.
 
-A checkpoint `checkpoints/step_<N>/` is written into a hidden temporary folder next to it and
-renamed into place only when complete, so a folder named `step_<N>` is always whole; a run
-killed mid-write leaves only a `.tmp-*` folder that resume ignores and the next save removes.
-Optimizer state is split into its tensors (safetensors) and the rest (JSON); RNG states of
-python, numpy and torch go the same way.
+Every rank writes its own parts of `checkpoints/step_<N>/` in place (its DCP shards, its RNG
+states; rank 0 also the replicated students, TeacherNorm and the trainer state), so no rank moves
+another rank's files and nodes need no shared rename. After all ranks are done (a barrier, and the
+background write of an asynchronous save), rank 0 writes `COMPLETE`: only a folder holding it is
+a checkpoint. A run killed mid-write leaves a folder without it, which resume ignores and the
+next save of that step replaces. Optimizer state is split into its tensors (safetensors) and the
+rest (JSON); RNG states of python, numpy and torch go the same way. `final/` and other
+single-writer folders use `write_atomic_dir` (a temporary folder renamed into place).
 """
 
 from __future__ import annotations
@@ -68,21 +71,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `output_dir/checkpoints`, oldest first."""
+COMPLETE = "COMPLETE"
+
+
+def is_complete(path: Path) -> bool:
+    """A committed checkpoint (or one from before markers, written whole by a single rename)."""
+    return (path / COMPLETE).is_file() or (path / "rng.json").is_file()
+
+
+def _step_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
-    return sorted(found)
+    return sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))
+    )
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `output_dir/checkpoints`, oldest first."""
+    return [(step, p) for step, p in _step_dirs(output_dir) if is_complete(p)]
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all)."""
-    if keep <= 0:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all), and incomplete folders
+    older than the newest complete one (left by a kill; nothing will resume from them)."""
+    complete = list_checkpoints(output_dir)
+    if complete:
+        newest = complete[-1][0]
+        for step, path in _step_dirs(output_dir):
+            if step < newest and not is_complete(path):
+                shutil.rmtree(path, ignore_errors=True)
+    if keep > 0:
+        for _, path in complete[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def commit(path: Path) -> None:
+    """Mark a fully written checkpoint folder complete (durably: file, then folder, fsynced)."""
+    marker = path / COMPLETE
+    with open(marker, "w") as f:
+        f.write("ok\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(path)
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -184,8 +216,8 @@ def rng_state() -> dict[str, Any]:
         ],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    if torch.cuda.is_available():  # this rank's device only (each rank saves its own state)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -196,7 +228,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list) else cuda)  # a list: older checkpoints
 
 
 # -- metrics --------------------------------------------------------------------------------------

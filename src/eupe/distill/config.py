@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..data import DataConfig, validate_data
 from ..errors import ConfigError
 from ..models.zoo import STUDENTS, ZOO
+from ..runtime import world_size
 from ..teachers.spec import TeacherSpec
 
 STAGES = ("fixed", "pyramid")
@@ -46,13 +47,18 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest K kept; <= 0 keeps all
     global_batch: int = 256  # images per optimizer step, over all devices and accumulation steps
     accum_steps: int = 1  # micro-batches per optimizer step on each device
-    lr: float = 2e-5  # peak learning rate after warmup
-    min_lr: float = 0.0  # cosine floor
+    lr: float = 2e-5  # peak learning rate after warmup (times the lr_scaling factor)
+    min_lr: float = 0.0  # cosine floor (times the lr_scaling factor)
+    lr_scaling: str = "none"  # none | linear | sqrt: lr x (global_batch / lr_reference_batch)^(1 | 1/2)
+    lr_reference_batch: int = 1024  # the batch `lr` is stated for when lr_scaling is linear or sqrt
     warmup_steps: int = 0
     weight_decay: float = 1e-4  # not applied to norms, biases and tokens
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 1.0  # max global grad norm; 0 disables
-    bf16: bool = False  # bf16 autocast for the student and heads (teachers: their spec's dtype)
+    bf16: bool = False  # bf16 autocast for the student and heads; bf16 FSDP all-gathers on CUDA
+    compile: bool = False  # torch.compile the teachers' forward and each student block
+    async_checkpoint: bool = True  # FSDP students: write DCP shards in the background (dcp.async_save)
+    dist_timeout_s: float = 600.0  # how long a rank waits in a collective for one that died silently
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # CPU intra-op threads; 0 keeps PyTorch's default (1 is fastest for tiny models)
     tensorboard: bool = False  # also log to output_dir/tensorboard (needs the tensorboard package)
@@ -77,7 +83,9 @@ class HeadsConfig:
 
 @dataclass
 class NormConfig:
-    batches: int = 500  # micro-batches of teacher outputs measured for TeacherNorm before training
+    # optimizer steps of teacher outputs (each train.accum_steps micro-batches) measured for
+    # TeacherNorm before training: the paper's "500 iterations"
+    batches: int = 500
 
 
 @dataclass
@@ -164,11 +172,6 @@ def to_yaml(cfg: DistillConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
 
-def world_size() -> int:
-    """Number of data-parallel processes (torchrun's WORLD_SIZE; 1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def micro_batch(cfg: DistillConfig) -> int:
     """Images per forward pass on one device."""
     return cfg.train.global_batch // (cfg.train.accum_steps * world_size())
@@ -204,6 +207,12 @@ def validate(cfg: DistillConfig) -> None:
             f"train.global_batch={t.global_batch} is not divisible by train.accum_steps x world size "
             f"= {t.accum_steps} x {ws}; pick a global batch that is a multiple of {t.accum_steps * ws}"
         )
+    from .optim import LR_SCALING
+
+    if t.lr_scaling not in LR_SCALING:
+        raise ConfigError(f"train.lr_scaling must be one of {', '.join(LR_SCALING)}; got {t.lr_scaling!r}")
+    _positive(t.lr_reference_batch, "train.lr_reference_batch")
+    _positive(t.dist_timeout_s, "train.dist_timeout_s")
     _positive(cfg.heads.hidden_dim, "heads.hidden_dim")
     _positive(cfg.norm.batches, "norm.batches")
     _positive(cfg.distill.alpha, "distill.alpha", zero_ok=True)
@@ -282,8 +291,8 @@ def _validate_teachers(cfg: DistillConfig) -> None:
             raise ConfigError(f"{key}.resolution must be > 0; got {spec.resolution}")
         _positive(spec.weight, f"{key}.weight", zero_ok=True)
         _positive(spec.patch_weight, f"{key}.patch_weight", zero_ok=True)
-        if spec.dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"{key}.dtype must be 'fp32' or 'bf16'; got {spec.dtype!r}")
+        if spec.dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"{key}.dtype must be 'auto', 'fp32' or 'bf16'; got {spec.dtype!r}")
     validate_data(cfg.data)
     if cfg.data.teacher_cache and cfg.stage == "pyramid":
         raise ConfigError(

@@ -8,7 +8,8 @@ A family run must equal separate runs with the same seed, so nothing random abou
 depend on the others:
 - every student is initialised from the same global RNG state a lone run would have at that point;
 - each student owns a torch RNG stream (drop path, stochastic depth, anything a forward draws),
-  swapped in around its forward/backward and checkpointed with it;
+  started from the rank's seed as in a lone run, swapped in around its forward/backward and
+  checkpointed with it (every rank saves its own);
 - data, TeacherNorm and teacher targets are shared (identical in separate runs of one seed);
 - pyramid draws come from the run's sampler, drawn once per iteration for all students (a lone
   run of the same seed draws exactly that value).
@@ -36,12 +37,8 @@ def is_family(cfg: DistillConfig) -> bool:
     return bool(getattr(cfg, "students", None))
 
 
-def _devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
 class RngStreams:
-    """One torch RNG state per student (CPU and every CUDA device), swapped in while it runs."""
+    """One torch RNG state per student (CPU and this rank's CUDA device), swapped in while it runs."""
 
     def __init__(self) -> None:
         self.states: dict[str, dict[str, Any]] = {}
@@ -50,14 +47,14 @@ class RngStreams:
     def capture() -> dict[str, Any]:
         state: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
-            state["cuda"] = [torch.cuda.get_rng_state(d) for d in _devices()]
+            state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     @staticmethod
     def restore(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["cpu"])
-        for d, s in zip(_devices(), state.get("cuda", [])):
-            torch.cuda.set_rng_state(s, d)
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[None]:
@@ -84,9 +81,11 @@ class RngStreams:
 
 
 def build_students(
-    cfg: DistillConfig, teacher_dims: dict[str, tuple[int, int]], device: torch.device
+    cfg: DistillConfig, teacher_dims: dict[str, tuple[int, int]], device: torch.device, stream_seed: int
 ) -> tuple[dict, RngStreams]:
-    """Every `StudentState` of the run, each built from the same RNG state, and their streams."""
+    """Every `StudentState` of the run, each built from the same RNG state (identical weights on
+    every rank), and their streams, each started from `stream_seed` (this rank's own seed, so drop
+    path and RoPE jitter differ across the global batch)."""
     from .stages import StudentState
 
     streams = RngStreams()
@@ -95,5 +94,6 @@ def build_students(
     for name, spec in student_specs(cfg).items():
         RngStreams.restore(start)  # as if this student were the only one
         students[name] = StudentState.build(name, cfg, spec, teacher_dims, device)
+        torch.manual_seed(stream_seed)
         streams.states[name] = RngStreams.capture()
     return students, streams

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,9 +44,14 @@ class TeacherHeads(nn.Module):
             {t: AdapterHead(student_dim, hidden_dim, p) for t, (_, p) in teacher_dims.items()}
         )
 
-    def forward(self, out: EncoderOutput, teacher: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student output -> (cls [B, Dc], patches [B, N, Dp]) in `teacher`'s normalized space."""
-        return self.cls[teacher](out.cls), self.patch[teacher](out.patches)
+    def forward(
+        self, out: EncoderOutput, teachers: Sequence[str]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Student output -> {teacher: (cls [B, Dc], patches [B, N, Dp])} in each teacher's normalized
+        space. All teachers in one call: under FSDP the heads are one unit, gathered once per forward."""
+        if isinstance(teachers, str):
+            raise TypeError(f"teachers is a list of names; got the string {teachers!r} (use [{teachers!r}])")
+        return {t: (self.cls[t](out.cls), self.patch[t](out.patches)) for t in teachers}
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / HEADS_FILE

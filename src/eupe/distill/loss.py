@@ -85,11 +85,11 @@ def teacher_loss(
 
 def total_loss(
     per_teacher: dict[str, dict[str, torch.Tensor]],
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of the teachers' totals, and every term as `loss/<teacher>/<term>` floats for logging."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum of the teachers' totals, and every term as `loss/<teacher>/<term>` for logging: detached
+    tensors that stay on the device (reading them is a host sync; the trainer does it on logging
+    steps only)."""
     total = sum(terms["total"] for terms in per_teacher.values())
     assert isinstance(total, torch.Tensor), "at least one teacher is needed"
-    logged = {
-        f"loss/{t}/{k}": float(v.detach()) for t, terms in per_teacher.items() for k, v in terms.items()
-    }
+    logged = {f"loss/{t}/{k}": v.detach() for t, terms in per_teacher.items() for k, v in terms.items()}
     return total, logged

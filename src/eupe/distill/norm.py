@@ -6,6 +6,7 @@ they travel in every checkpoint and are reused on resume, never re-measured.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -49,6 +50,16 @@ class TeacherNorm(nn.Module):
     def dims(self, teacher: str) -> tuple[int, int]:
         """(cls width, patch width) of one teacher."""
         return self._buf(teacher, "cls_mean").shape[0], self._buf(teacher, "patch_mean").shape[0]
+
+    def stats(self, teacher: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of one teacher's "cls" or "patch" tokens: the buffers themselves, not copies.
+
+        `x * std + mean` takes normalized targets (what the adapter heads learn) back to the
+        teacher's own space.
+        """
+        if teacher not in self.teachers or kind not in ("cls", "patch"):
+            raise KeyError(f"TeacherNorm has no {kind!r} statistics for teacher {teacher!r}")
+        return self._buf(teacher, f"{kind}_mean"), self._buf(teacher, f"{kind}_std")
 
     @torch.no_grad()
     def observe(self, teacher: str, out: EncoderOutput) -> None:
@@ -107,3 +118,21 @@ class TeacherNorm(nn.Module):
                 f"{path}: not a readable teacher-norm file ({type(e).__name__}: {e})"
             ) from None
         return norm
+
+
+def measure_norm(
+    norm: TeacherNorm,
+    teachers: dict[str, Callable[[torch.Tensor], EncoderOutput]],
+    views: Iterable[torch.Tensor],
+) -> TeacherNorm:
+    """Observe every teacher on each batch of `views` (at native resolution), add the sums up over
+    all ranks (collective under torchrun), then freeze. The one place TeacherNorm is measured."""
+    for batch in views:
+        for name, teacher in teachers.items():
+            norm.observe(name, teacher(batch))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for name, buf in norm.named_buffers():
+            if name.endswith(("_sum", "_sumsq", "_count")):
+                torch.distributed.all_reduce(buf)
+    norm.freeze()
+    return norm

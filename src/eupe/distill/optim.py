@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,10 +32,40 @@ def param_groups(modules: Iterable[tuple[str, nn.Module]], weight_decay: float) 
 
 
 def build_optimizer(
-    modules: Iterable[tuple[str, nn.Module]], lr: float, weight_decay: float, betas: tuple[float, float]
+    modules: Iterable[tuple[str, nn.Module]],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    # foreach=False: the per-parameter loop is bit-reproducible across resume on every backend
-    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), foreach=False)
+    """AdamW over `param_groups`. On CUDA the fused kernel (one launch for every parameter); on the
+    CPU the per-parameter loop (foreach=False), which is bit-reproducible across resume."""
+    kind = {"fused": True} if fused else {"foreach": False}
+    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), **kind)
+
+
+LR_SCALING = ("none", "linear", "sqrt")
+
+
+def lr_scale(train: Any) -> float:
+    """Factor on `train.lr` and `train.min_lr`: 1 ("none"), global_batch / lr_reference_batch
+    ("linear"), or its square root ("sqrt"); see docs/fidelity.md for the default."""
+    ratio = train.global_batch / train.lr_reference_batch
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[train.lr_scaling]
+
+
+def build_optimization(
+    modules: list[tuple[str, nn.Module]], train: Any, device: torch.device
+) -> tuple[torch.optim.AdamW, CosineSchedule]:
+    """The optimizer and schedule of one student, from the `train` config section."""
+    scale = lr_scale(train)
+    optimizer = build_optimizer(
+        modules, train.lr * scale, train.weight_decay, train.betas, fused=device.type == "cuda"
+    )
+    schedule = CosineSchedule(
+        optimizer, train.lr * scale, train.max_steps, train.warmup_steps, train.min_lr * scale
+    )
+    return optimizer, schedule
 
 
 class CosineSchedule:

@@ -1,20 +1,25 @@
-"""Data parallelism under torchrun: DDP for students, FSDP2 for the large proxy (issue 6).
+"""Data parallelism under torchrun: DDP for students, FSDP2 for the large proxy (issue 6, 12).
 
 `torchrun --nproc_per_node N -m eupe distill CONFIG` needs no code changes: the trainer joins the
-process group (gloo on CPU, nccl on GPU), each rank loads its slice of every global batch, and
-every student is wrapped here:
+process group (gloo on CPU, nccl on GPU, each rank on its own `cuda:<LOCAL_RANK>`), each rank loads
+its slice of every global batch, and every student is wrapped here:
 
 - DDP (`DistributedDataParallel`) for ordinary students: gradients are averaged in backward,
-  skipped with `no_sync()` on all but the last micro-batch of an accumulation;
+  skipped with `no_sync()` on all but the last micro-batch of an accumulation; buffers are not
+  re-broadcast every forward (students have no running statistics);
 - FSDP2 (`torch.distributed.fsdp.fully_shard`) for `eupe_proxy_g16` (or `train.fsdp=true`): each
-  transformer block, the adapter heads and the root are sharded; optional activation
+  block, the adapter heads and the root are sharded; on CUDA with `train.bf16` the all-gathers run
+  in bf16 and gradients are reduced in fp32 (`MixedPrecisionPolicy`); optional activation
   checkpointing (`train.activation_checkpointing`, timm's per-block checkpointing). Checkpoints of
-  FSDP students are DCP folders (`torch.distributed.checkpoint`), one file per rank, loadable on
-  another world size; `final/` is gathered to rank 0.
+  FSDP students are DCP folders (`torch.distributed.checkpoint`), one file per rank, written in
+  place (asynchronously on request) and loadable on another world size; `final/` is gathered to
+  rank 0.
+- `train.compile`: every block is compiled on its own before wrapping (as torchtitan does), so
+  FSDP's per-block hooks stay outside the compiled graphs and Stage 3's three input sizes give
+  three graphs per block, not a recompile per step.
 
-Teachers are replicated on every rank (bf16 with `teachers.<name>.dtype=bf16`) and never receive
-gradients (inference mode). The logged loss is averaged over ranks (`reduce_mean`), so it is the
-mean over the global batch.
+Teachers are replicated on every rank and never receive gradients (inference mode). Logged
+metrics stay on the device and are averaged over ranks only on logging steps (`read_step`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.encoder import EncoderOutput
+from ..runtime import host_values
 
 FSDP_BY_DEFAULT = ("eupe_proxy_g16",)
 DCP_DIR = "dcp"
@@ -45,7 +51,7 @@ class StudentForward(nn.Module):
         self, images: torch.Tensor, teachers: list[str]
     ) -> tuple[EncoderOutput, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         out = self.model(images)
-        return out, {t: self.heads(out, t) for t in teachers}
+        return out, self.heads(out, teachers)
 
 
 def uses_fsdp(cfg: Any, student_name: str, world: int) -> bool:
@@ -54,6 +60,12 @@ def uses_fsdp(cfg: Any, student_name: str, world: int) -> bool:
     if flag is None:
         return world > 1 and student_name in FSDP_BY_DEFAULT
     return bool(flag) and world > 1
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """`torch.compile` each repeated block in place (module names and state dicts are unchanged)."""
+    for block in model.blocks():
+        block.compile()
 
 
 def wrap_student(s: Any, cfg: Any, spec: Any, device: torch.device, world: int) -> None:
@@ -66,30 +78,44 @@ def wrap_student(s: Any, cfg: Any, spec: Any, device: torch.device, world: int) 
         backbone = getattr(s.model, "backbone", None)
         if backbone is not None and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
+    if getattr(cfg.train, "compile", False):
+        compile_blocks(s.model)
+    s.sharded = False
     if world == 1:
         s.runner = None
         return
     wrapper = StudentForward(s.model, s.heads)
     if uses_fsdp(cfg, spec.name, world):
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from .optim import CosineSchedule, build_optimizer
+        from .optim import build_optimization
 
-        blocks = getattr(getattr(s.model, "backbone", None), "blocks", None)
-        for block in blocks if blocks is not None else []:
-            fully_shard(block)
-        fully_shard(s.heads)
-        fully_shard(wrapper)
-        t = cfg.train
-        s.optimizer = build_optimizer([("model", s.model), ("heads", s.heads)], t.lr, t.weight_decay, t.betas)
-        s.schedule = CosineSchedule(s.optimizer, t.lr, t.max_steps, t.warmup_steps, t.min_lr)
+        mp = {}
+        if device.type == "cuda" and cfg.train.bf16:
+            mp["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in s.model.blocks():
+            fully_shard(block, **mp)
+        fully_shard(s.heads, **mp)
+        fully_shard(wrapper, **mp)
+        s.optimizer, s.schedule = build_optimization(
+            [("model", s.model), ("heads", s.heads)], cfg.train, device
+        )
         s.runner, s.sharded = wrapper, True
         return
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    s.runner = DistributedDataParallel(wrapper, device_ids=ids)
-    s.sharded = False
+    # no buffer broadcast before every forward: students hold no running statistics
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_args() else "broadcast_buffers"
+    s.runner = DistributedDataParallel(wrapper, device_ids=ids, **{sync: False})
+
+
+def _ddp_args() -> set[str]:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return set(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
 def forward_student(
@@ -100,7 +126,7 @@ def forward_student(
     if runner is not None:
         return runner(images, teachers)
     out = s.model(images)
-    return out, {t: s.heads(out, t) for t in teachers}
+    return out, s.heads(out, teachers)
 
 
 @contextlib.contextmanager
@@ -124,16 +150,26 @@ def synced_by_wrapper(s: Any) -> bool:
     return getattr(s, "runner", None) is not None
 
 
-def reduce_mean(values: dict[str, float], world: int) -> dict[str, float]:
-    """Average logged scalars over ranks (each rank's are means over its equal share)."""
-    if world == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+def read_step(
+    shared: dict[str, torch.Tensor], local: dict[str, torch.Tensor], world: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The step's one device -> host read: `shared` values (the same on every rank, e.g. global
+    gradient norms) as they are, `local` ones (each rank's mean over its share) averaged over ranks.
+
+    `local` is empty on steps that log nothing, so those steps all-reduce nothing.
+    """
+    keys, lkeys = sorted(shared), sorted(local)
+    parts = [torch.stack([shared[k].detach().double() for k in keys])] if keys else []
+    if lkeys:
+        summed = torch.stack([local[k].detach().double() for k in lkeys])
+        if world > 1:
+            dist.all_reduce(summed)  # SUM then divide: gloo (CPU) has no AVG
+            summed = summed / world
+        parts.append(summed)
+    if not parts:
+        return {}, {}
+    values = host_values(torch.cat([p.reshape(-1) for p in parts]))
+    return dict(zip(keys, values[: len(keys)])), dict(zip(lkeys, values[len(keys) :]))
 
 
 def as_local_norm(norm: torch.Tensor) -> torch.Tensor:
@@ -142,13 +178,21 @@ def as_local_norm(norm: torch.Tensor) -> torch.Tensor:
 
 
 # -- sharded checkpoints -----------------------------------------------------------------------------
-def save_sharded(s: Any, directory: Path) -> None:
-    """Collective: every rank writes its shards of model, heads and optimizer as DCP."""
+def save_sharded(s: Any, directory: Path, process_group: Any = None, asynchronous: bool = False) -> Any:
+    """Collective: every rank writes its shards of model, heads and optimizer as DCP, in place.
+
+    `asynchronous`: the state is staged to host memory before this returns and written in the
+    background; the returned future completes when this rank's part is on disk (else None).
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(s.runner, s.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    state = {"model": model_sd, "optim": optim_sd}
+    if asynchronous:
+        return dcp.async_save(state, checkpoint_id=str(directory), process_group=process_group)
+    dcp.save(state, checkpoint_id=str(directory), process_group=process_group)
+    return None
 
 
 def load_sharded(s: Any, directory: Path) -> None:

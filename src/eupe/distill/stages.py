@@ -16,20 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.encoder import Encoder
 from ..models.init import mimetic_init_
 from ..models.loading import CONFIG_NAME, load_weights
+from ..models.preprocess import Normalize, resize
 from ..models.zoo import ZOO
 from .checkpoint import load_state, save_state
 from .config import DistillConfig, StudentConfig
 from .heads import HEADS_FILE, TeacherHeads
-from .optim import CosineSchedule, build_optimizer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .optim import CosineSchedule, build_optimization
 
 
 def student_overrides(cfg: StudentConfig) -> dict[str, Any]:
@@ -93,15 +90,9 @@ def student_dim(model: Encoder) -> int:
     return int(getattr(model.backbone, "num_features", model.embed_dim))
 
 
-def prepare_student(views: torch.Tensor, resolution: int) -> torch.Tensor:
+def prepare_student(views: torch.Tensor, resolution: int, normalize: Normalize) -> torch.Tensor:
     """[0,1] views -> resized to `resolution` and ImageNet-normalized, the student's input."""
-    if views.shape[-2:] != (resolution, resolution):
-        views = F.interpolate(
-            views, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
-        ).clamp_(0, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=views.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=views.device).view(1, 3, 1, 1)
-    return (views - mean) / std
+    return normalize(resize(views, resolution))
 
 
 class ScaleSampler:
@@ -148,6 +139,8 @@ class StudentState:
     optimizer: torch.optim.AdamW
     schedule: CosineSchedule
     reused_heads: list[str] = field(default_factory=list)  # teachers whose heads came from student.init
+    runner: Any = None  # its DDP/FSDP forward under torchrun (parallel.wrap_student); None alone
+    sharded: bool = False  # FSDP: parameters and checkpoints are sharded over ranks
 
     @classmethod
     def build(
@@ -165,9 +158,9 @@ class StudentState:
             if student_cfg.init and student_cfg.init_heads
             else []
         )
-        t = cfg.train
-        optimizer = build_optimizer([("model", model), ("heads", heads)], t.lr, t.weight_decay, t.betas)
-        schedule = CosineSchedule(optimizer, t.lr, t.max_steps, t.warmup_steps, t.min_lr)
+        if device.type == "cuda" and model.family == "convnext":
+            model.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
+        optimizer, schedule = build_optimization([("model", model), ("heads", heads)], cfg.train, device)
         return cls(name, model, heads, optimizer, schedule, reused)
 
     def parameters(self) -> list[torch.nn.Parameter]:

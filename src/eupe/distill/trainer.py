@@ -1,12 +1,16 @@
 """The distillation loop (all three stages), nanoGPT-style: read `Distiller.train` top to bottom.
 
     fetch batch -> teachers forward (no grad, each at its own resolution) -> TeacherNorm ->
-    student forward -> adapter heads -> loss -> backward (x accum_steps) -> clip, step ->
-    log -> checkpoint
+    student forward -> adapter heads -> loss -> backward (x accum_steps) -> clip -> read the
+    step's numbers (the one host sync) -> step -> log -> checkpoint
 
 Everything else (building, measuring TeacherNorm, checkpoints, resume) is a small named helper.
 A resumed run restores model, heads, optimizer, schedule, TeacherNorm, pyramid sampler, data
-position and every RNG, so on CPU it ends with exactly the weights of an uninterrupted run.
+position and every rank's RNG, so on CPU it ends with exactly the weights of an uninterrupted run.
+
+Under torchrun every rank starts from the same weights and then draws from its own seed (drop
+path, RoPE jitter), and every rank stops together: divergence is read from the global gradient
+norm, which all ranks share, and start-up errors on one rank are raised on all (`fail_together`).
 """
 
 from __future__ import annotations
@@ -14,31 +18,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..data import build_loader
 from ..errors import CheckpointError, ConfigError, EupeError
+from ..models.preprocess import Normalize
+from ..runtime import (
+    fail_together,
+    host_values,
+    init_distributed,
+    pick_device,
+    rank_seed,
+    seed_everything,
+    shutdown,
+)
 from ..teachers import build_teacher_from_spec
 from . import checkpoint as ckpt
-from .config import (
-    DistillConfig,
-    check_paths,
-    load_config,
-    micro_batch,
-    student_resolutions,
-    to_yaml,
-    world_size,
-)
+from .config import DistillConfig, check_paths, load_config, micro_batch, student_resolutions, to_yaml
 from .family import build_students, student_specs
+from .heads import TeacherHeads
 from .loss import LossWeights, teacher_loss, total_loss
-from .norm import TeacherNorm
+from .norm import TeacherNorm, measure_norm
 from .parallel import (
     DCP_DIR,
     as_local_norm,
@@ -46,7 +52,7 @@ from .parallel import (
     full_state,
     grad_sync,
     load_sharded,
-    reduce_mean,
+    read_step,
     save_sharded,
     synced_by_wrapper,
     wrap_student,
@@ -59,7 +65,9 @@ FINAL_DIR = "final"
 
 
 class TrainingDiverged(EupeError):
-    """The loss or the gradients became NaN/inf; the run stopped before touching its checkpoints."""
+    """The loss or the gradients became NaN/inf; every rank stopped before touching its checkpoints."""
+
+    exit_code = 3
 
 
 class Distiller:
@@ -68,11 +76,11 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         check_paths(cfg)
-        self.rank, self.world = _init_distributed()
-        self.device = _pick_device(cfg.train.device, self.rank)
+        self.device = pick_device(cfg.train.device)  # cuda:<LOCAL_RANK>, current before any CUDA work
+        self.rank, self.world = init_distributed(self.device, cfg.train.dist_timeout_s)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same weights on every rank ...
         self.cache = None  # a teacher-feature cache replaces the teachers (data.teacher_cache)
         if cfg.data.teacher_cache:
             from .cache import TeacherCache
@@ -83,12 +91,15 @@ class Distiller:
             self.teachers = self._build_teachers()
         dims = {n: (t.cls_dim, t.patch_dim) for n, t in self.teachers.items()}
         # students: name -> StudentState (one, or a family sharing each teacher forward)
-        self.students, self.streams = build_students(cfg, dims, self.device)
+        own_seed = rank_seed(cfg.seed, self.rank)
+        self.students, self.streams = build_students(cfg, dims, self.device, own_seed)
+        seed_everything(own_seed)  # ... then each rank its own random draws
         for name, spec in student_specs(cfg).items():
             wrap_student(self.students[name], cfg, spec, self.device, self.world)
         self.norm = TeacherNorm(dims).to(self.device)
         if self.cache is not None:  # the statistics the cache's targets were normalized with
             self.norm.load_state_dict(self.cache.norm.state_dict())
+        self.normalize = Normalize().to(self.device)  # the students' input constants, on the device
         self.weights = {
             n: LossWeights(
                 cfg.distill.alpha, cfg.distill.beta, s.weight, s.patch_weight, cfg.distill.smooth_l1_beta
@@ -110,63 +121,74 @@ class Distiller:
             if self.cache is None
             else self.cache.loader(cfg.data, self.micro, self.view_size(), cfg.seed, self.rank, self.world)
         )
+        self._setup_checkpointing()
         self.step = 0
         if resume:
             self._resume()
         else:
-            self._start()
+            with fail_together(self.world):
+                self._start()
         self._batches = iter(self.loader)
+        self._writer = None
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> Path:
         """Run to `train.max_steps`, then write `final/`; returns the final folder."""
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self._measure_norm_if_needed()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress or self.rank, unit="step")
         self._window = (0, time.perf_counter())  # (images, start time) since the last log line
-        writer = self._tensorboard()
+        self._writer = self._tensorboard()
         try:
             while self.step < t.max_steps:
-                teacher_res, student_res = draw_resolutions(
-                    cfg, self.sampler, [*self.teachers], [*self.students]
-                )
-                lrs = {n: s.schedule.current_lr for n, s in self.students.items()}
-                logged: dict[str, float] = {}
-                for micro in range(t.accum_steps):
-                    views = self._next_batch()
-                    targets = self.teacher_targets(views, teacher_res)  # frozen, normalized
-                    for name, s in self.students.items():  # each on its own RNG stream
-                        with self.streams.use(name), grad_sync(s, micro == t.accum_steps - 1):
-                            loss, terms = self.student_loss(s, views, targets, student_res[name])
-                            self._check_finite(loss, terms)
-                            (loss / t.accum_steps).backward()
-                        for k, v in {"loss": float(loss.detach()), **terms}.items():
-                            key = self._key(name, k)
-                            logged[key] = logged.get(key, 0.0) + v / t.accum_steps
-                    self._count_images(views.shape[0] * self.world)
-                logged = reduce_mean(logged, self.world)  # the mean over the global batch
-                for name, s in self.students.items():
-                    logged[self._key(name, "grad_norm")] = self.optimizer_step(s)
-                self.step += 1
-
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    if cfg.stage == "pyramid":  # the scales this iteration drew
-                        logged.update(
-                            {f"resolution/{n}": r for n, r in {**student_res, **teacher_res}.items()}
-                        )
-                    row = self._log(logged, lrs, writer)
+                row = self.train_step()
+                if row is not None:
                     bar.set_postfix(
                         loss=f"{row.get('loss', math.nan):.4f}", img_s=f"{row['images_per_s']:.1f}"
                     )
                 bar.update(1)
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                     self.save_checkpoint()
+            self.finish_checkpoint()
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
+            if self._writer is not None:
+                self._writer.close()
         self._report_skipped()
         return self.save_final()
+
+    def train_step(self) -> dict | None:
+        """One optimizer step of every student over `train.accum_steps` micro-batches; returns the
+        metrics row on logging steps. The CPU reads from the device once: `read_step`."""
+        cfg, t = self.cfg, self.cfg.train
+        teacher_res, student_res = draw_resolutions(cfg, self.sampler, [*self.teachers], [*self.students])
+        lrs = {n: s.schedule.current_lr for n, s in self.students.items()}
+        logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+        sums: dict[str, torch.Tensor] = {}  # this rank's means over its micro-batches, on the device
+        for micro in range(t.accum_steps):
+            views = self._next_batch()
+            targets = self.teacher_targets(views, teacher_res)  # frozen, normalized
+            for name, s in self.students.items():  # each on its own RNG stream
+                with self.streams.use(name), grad_sync(s, micro == t.accum_steps - 1):
+                    loss, terms = self.student_loss(s, views, targets, student_res[name])
+                    (loss / t.accum_steps).backward()
+                for k, v in {"loss": loss.detach(), **terms}.items():
+                    key = self._key(name, k)
+                    sums[key] = sums.get(key, 0.0) + v / t.accum_steps
+            self._count_images(views.shape[0] * self.world)
+        norms = {self._key(n, "grad_norm"): self.clip_gradients(s) for n, s in self.students.items()}
+        norms, logged = read_step(norms, sums if logging else {}, self.world)  # the step's one sync
+        if not all(math.isfinite(v) for v in norms.values()):  # the same on every rank
+            self._diverged(norms, sums)
+        for s in self.students.values():
+            self.optimizer_step(s)
+        self.step += 1
+        if not logging:
+            return None
+        logged.update(norms)
+        if cfg.stage == "pyramid":  # the scales this iteration drew
+            logged.update({f"resolution/{n}": r for n, r in {**student_res, **teacher_res}.items()})
+        return self._log(logged, lrs)
 
     def _key(self, student: str, name: str) -> str:
         """Metric name; with several students each gets a `<student>/` prefix."""
@@ -197,9 +219,11 @@ class Distiller:
 
     def student_loss(
         self, s: StudentState, views: torch.Tensor, targets: dict, resolution: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student forward at `resolution`, every teacher's head and loss terms."""
-        images = prepare_student(views, resolution)
+        images = prepare_student(views, resolution, self.normalize)
+        if s.model.family == "convnext" and self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             out, projected = forward_student(s, images, list(targets))
             per_teacher = {}
@@ -210,32 +234,34 @@ class Distiller:
                 )
         return total_loss(per_teacher)
 
-    def optimizer_step(self, s: StudentState) -> float:
-        """Average gradients over processes, clip, step, advance the schedule; returns the grad norm."""
+    def clip_gradients(self, s: StudentState) -> torch.Tensor:
+        """Average gradients over processes (unless DDP/FSDP did), clip; returns the global norm."""
         params = [p for p in s.parameters() if p.grad is not None]
-        if self.world > 1 and not synced_by_wrapper(s):  # DDP/FSDP averaged in backward
+        if self.world > 1 and not synced_by_wrapper(s):
             for p in params:  # SUM then divide: gloo (CPU) has no AVG
                 torch.distributed.all_reduce(p.grad)
                 p.grad.div_(self.world)
         clip = self.cfg.train.clip_grad
-        norm = as_local_norm(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-        if not torch.isfinite(norm):
-            raise TrainingDiverged(
-                f"gradient norm is {float(norm)} at step {self.step + 1}; stopped before the optimizer "
-                f"step. {self._last_good()} Lower train.lr or enable train.clip_grad."
-            )
+        return as_local_norm(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+
+    def optimizer_step(self, s: StudentState) -> None:
+        """Step the optimizer and advance the schedule."""
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.schedule.step()
-        return float(norm)
 
-    def _check_finite(self, loss: torch.Tensor, terms: dict[str, float]) -> None:
-        if torch.isfinite(loss):
-            return
-        bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v))
+    def _diverged(self, norms: dict[str, float], sums: dict[str, torch.Tensor]) -> None:
+        """Every rank gets here at the same step (the norms are global); stop before the update."""
+        self.finish_checkpoint()  # a checkpoint still being written is good: complete it
+        bad = ", ".join(f"{k}={v}" for k, v in norms.items() if not math.isfinite(v))
+        keys = sorted(sums)
+        values = host_values(torch.stack([torch.as_tensor(sums[k]).double() for k in keys])) if keys else []
+        terms = ", ".join(f"{k}={v}" for k, v in zip(keys, values) if not math.isfinite(v))
+        where = f"; non-finite loss terms on rank {self.rank}: {terms}" if terms else ""
         raise TrainingDiverged(
-            f"loss is {float(loss.detach())} at step {self.step + 1} ({bad}); stopped. {self._last_good()} "
-            "Lower train.lr, check the data and teacher outputs, or try train.bf16=false."
+            f"training diverged at step {self.step + 1}: {bad}{where}; stopped before the optimizer "
+            f"step. {self._last_good()} Lower train.lr, check the data and teacher outputs, or try "
+            "train.bf16=false."
         )
 
     def _last_good(self) -> str:
@@ -267,6 +293,8 @@ class Distiller:
             # built in place on the device (no 7B teacher in CPU memory); errors name teachers.<name>
             teacher = build_teacher_from_spec(name, spec, seed=self.cfg.seed, device=self.device)
             teachers[name] = teacher.to(self.device).eval().requires_grad_(False)
+            if self.cfg.train.compile:
+                teacher.compile_encode()
             if self.cfg.stage == "pyramid":
                 for r in self.cfg.pyramid:
                     if r % teacher.stride:
@@ -277,7 +305,8 @@ class Distiller:
         return teachers
 
     def _start(self) -> None:
-        """A fresh run: the output folder must not hold another run."""
+        """A fresh run: the output folder must not hold another run (rank 0 checks and writes; the
+        caller raises its error on every rank)."""
         if self.rank:
             return
         if (self.out / METRICS_FILE).exists() or ckpt.list_checkpoints(self.out):
@@ -290,81 +319,131 @@ class Distiller:
         (self.out / METRICS_FILE).write_text("")
 
     def _measure_norm_if_needed(self) -> None:
-        """TeacherNorm over the first `norm.batches` batches at native resolution, then frozen."""
+        """TeacherNorm over the first `norm.batches` optimizer steps of data (each `accum_steps`
+        micro-batches) at native resolution, then frozen."""
         if bool(self.norm.frozen):
             return
-        n = self.cfg.norm.batches
-        for _ in tqdm(range(n), desc="TeacherNorm", disable=not self.cfg.train.progress or self.rank):
-            views = self._next_batch()
-            for name, teacher in self.teachers.items():
-                self.norm.observe(name, teacher(views))
-        if self.world > 1:
-            for name, buf in self.norm.named_buffers():
-                if name.endswith(("_sum", "_sumsq", "_count")):
-                    torch.distributed.all_reduce(buf)
-        self.norm.freeze()
+        n = self.cfg.norm.batches * self.cfg.train.accum_steps
+        bar = tqdm(range(n), desc="TeacherNorm", disable=not self.cfg.train.progress or self.rank)
+        measure_norm(self.norm, self.teachers, (self._next_batch() for _ in bar))
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
-        """checkpoints/step_<N>/ (atomic), then prune to the newest train.keep_checkpoints."""
-        sharded = self._save_sharded_parts()  # FSDP students: every rank writes its DCP shards
-        if self.rank:
-            return None
+    def _setup_checkpointing(self) -> None:
+        sharded = any(s.sharded for s in self.students.values())
+        self._async = sharded and self.cfg.train.async_checkpoint
+        # background DCP writes run their collectives on a gloo group of their own, never on the
+        # training group (NCCL, or gloo busy with this step's all-reduces)
+        self._ckpt_group = torch.distributed.new_group(backend="gloo") if self._async else None
+        self._pending: tuple[Path, list] | None = None
 
-        def fill(tmp: Path) -> None:
-            for name, s in self.students.items():
-                if name in sharded:
-                    (tmp / "students" / name).mkdir(parents=True)
-                    sharded[name].rename(tmp / "students" / name / DCP_DIR)
-                    ckpt.save_state(tmp / "students" / name, "schedule", s.schedule.state_dict())
-                else:
-                    s.save(tmp / "students" / name)
-            self.norm.save(tmp)
-            ckpt.save_state(tmp, "rng", ckpt.rng_state())
-            ckpt.save_state(tmp, "student_rng", self.streams.state_dict())
+    def save_checkpoint(self) -> None:
+        """checkpoints/step_<N>/: every rank writes its parts in place; `finish_checkpoint` commits."""
+        self.finish_checkpoint()  # the previous checkpoint, if still being written
+        path = ckpt.checkpoint_dir(self.out, self.step)
+        if not self.rank and path.exists():  # left incomplete by a killed run: rewrite it whole
+            shutil.rmtree(path)
+        self._barrier()
+        writes = []
+        for name, s in self.students.items():
+            folder = path / "students" / name
+            if s.sharded:  # every rank its DCP shards
+                writes.append(save_sharded(s, folder / DCP_DIR, self._ckpt_group, self._async))
+                if not self.rank:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    ckpt.save_state(folder, "schedule", s.schedule.state_dict())
+            elif not self.rank:
+                s.save(folder)
+        rng = path / "rng"
+        rng.mkdir(parents=True, exist_ok=True)
+        ckpt.save_state(
+            rng, f"rank_{self.rank}", {"global": ckpt.rng_state(), "students": self.streams.state_dict()}
+        )
+        if not self.rank:
+            self.norm.save(path)
             ckpt.save_json(
-                tmp / "trainer.json",
+                path / "trainer.json",
                 {
                     "step": self.step,
+                    "world": self.world,
                     "students": list(self.students),
                     "loader": self.loader.state_dict(),
                     "sampler": self.sampler.state_dict(),
                 },
             )
+        self._pending = (path, [w for w in writes if w is not None])
+        if not self._pending[1]:
+            self.finish_checkpoint()
 
-        path = ckpt.write_atomic_dir(ckpt.checkpoint_dir(self.out, self.step), fill)
-        if sharded:  # the emptied side folder of the DCP shards
-            next(iter(sharded.values())).parent.rmdir()
-        ckpt.prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
-        return path
+    def finish_checkpoint(self) -> None:
+        """Wait for the pending checkpoint's background writes, then commit it (collective)."""
+        if self._pending is None:
+            return
+        path, writes = self._pending
+        self._pending = None
+        for w in writes:
+            w.result()
+        self._barrier()
+        if not self.rank:
+            ckpt.commit(path)
+            ckpt.prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
 
     def _resume(self) -> None:
         """Load the newest complete checkpoint; none yet means a fresh (deterministic) start."""
-        if not (self.out / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{self.out}: no {CONFIG_FILE}; not a distill output_dir")
-        found = ckpt.list_checkpoints(self.out)
+        with fail_together(self.world):
+            if not (self.out / CONFIG_FILE).is_file():
+                raise CheckpointError(f"{self.out}: no {CONFIG_FILE}; not a distill output_dir")
+            found = ckpt.list_checkpoints(self.out)
+            state = ckpt.load_json(found[-1][1] / "trainer.json") if found else None
+            if state is not None and state["students"] != list(self.students):
+                raise CheckpointError(
+                    f"{found[-1][1]}: students {state['students']} differ from the config's"
+                )
         if not found:
-            ckpt.truncate_metrics(self.out / METRICS_FILE, 0)
+            if not self.rank:
+                ckpt.truncate_metrics(self.out / METRICS_FILE, 0)
             return
         self.step, path = found[-1]
-        state = ckpt.load_json(path / "trainer.json")
-        if state["students"] != list(self.students):
-            raise CheckpointError(f"{path}: students {state['students']} differ from the config's")
         for name, s in self.students.items():
             if (path / "students" / name / DCP_DIR).is_dir():  # written by FSDP; any world size
                 load_sharded(s, path / "students" / name / DCP_DIR)
                 s.schedule.load_state_dict(ckpt.load_state(path / "students" / name, "schedule"))
             else:
                 s.load(path / "students" / name)
-        if (path / "student_rng.json").is_file():
-            self.streams.load_state_dict(ckpt.load_state(path, "student_rng"))
         norm = TeacherNorm.load(path)
         self.norm.load_state_dict(norm.state_dict(), strict=True)
         self.loader.load_state_dict(state["loader"])
         self.sampler.load_state_dict(state["sampler"])
-        ckpt.set_rng_state(ckpt.load_state(path, "rng"))
+        self._restore_rng(path, int(state.get("world", 1)))
         if not self.rank:
             ckpt.truncate_metrics(self.out / METRICS_FILE, self.step)
+
+    def _restore_rng(self, path: Path, saved_world: int) -> None:
+        """This rank's RNG as saved; on another world size (no state saved for this rank) each rank
+        draws anew from a seed of (seed, step, rank): data order continues exactly, random draws
+        inside the models do not."""
+        own = path / "rng" / f"rank_{self.rank}.json"
+        if saved_world == self.world and own.is_file():
+            state = ckpt.load_state(path / "rng", f"rank_{self.rank}")
+            ckpt.set_rng_state(state["global"])
+            self.streams.load_state_dict(state["students"])
+        elif saved_world == self.world and (path / "rng.json").is_file():  # written before per-rank RNG
+            ckpt.set_rng_state(ckpt.load_state(path, "rng"))
+            if (path / "student_rng.json").is_file():
+                self.streams.load_state_dict(ckpt.load_state(path, "student_rng"))
+        else:
+            seed_everything(rank_seed(self.cfg.seed + self.step, self.rank))
+            for name in self.streams.states:
+                self.streams.states[name] = self.streams.capture()
+            if not self.rank:
+                print(
+                    f"resume: saved on {saved_world} process(es), resumed on {self.world}: the data "
+                    "order continues exactly; random draws in the models start from new seeds",
+                    file=sys.stderr,
+                )
 
     def save_final(self) -> Path:
         """final/ (family runs: final/<student>/): the student (save_pretrained), its heads and the
@@ -372,18 +451,29 @@ class Distiller:
         target = self.out / FINAL_DIR
         specs = student_specs(self.cfg)
         gathered = {  # FSDP students: gather the full weights (collective), saved by rank 0
-            n: full_state(s.runner) for n, s in self.students.items() if getattr(s, "sharded", False)
+            n: full_state(s.runner) for n, s in self.students.items() if s.sharded
         }
         if self.rank:
             return target
 
         def fill_one(tmp: Path, name: str, s: StudentState) -> None:
             model, heads = s.model, s.heads
-            if name in gathered:  # an unsharded copy of the student to write
-                model = build_student(dataclasses.replace(specs[name], init=None), "cpu")
-                model.load_state_dict({k[6:]: v for k, v in gathered[name].items() if k.startswith("model.")})
-                heads = type(s.heads)(s.heads.student_dim, s.heads.teacher_dims, s.heads.hidden_dim)
-                heads.load_state_dict({k[6:]: v for k, v in gathered[name].items() if k.startswith("heads.")})
+            if name in gathered:  # built without memory, then given the gathered tensors
+                # own storage per tensor: gathered ones may be views of one buffer (safetensors refuses)
+                state = {
+                    k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v
+                    for k, v in gathered[name].items()
+                }
+                spec = dataclasses.replace(specs[name], init=None, mimetic_init=False)
+                model = build_student(spec, "meta")
+                model.load_state_dict(
+                    {k[6:]: v for k, v in state.items() if k.startswith("model.")}, assign=True
+                )
+                with torch.device("meta"):
+                    heads = TeacherHeads(s.heads.student_dim, s.heads.teacher_dims, s.heads.hidden_dim)
+                heads.load_state_dict(
+                    {k[6:]: v for k, v in state.items() if k.startswith("heads.")}, assign=True
+                )
             model.save_pretrained(tmp)
             heads.save(tmp)
             self.norm.save(tmp)
@@ -400,20 +490,8 @@ class Distiller:
 
         return ckpt.write_atomic_dir(target, fill)
 
-    def _save_sharded_parts(self) -> dict[str, Path]:
-        """DCP shards of every FSDP student in a side folder (collective); rank 0 moves them in."""
-        parts = {}
-        for name, s in self.students.items():
-            if getattr(s, "sharded", False):
-                side = self.out / ckpt.CHECKPOINTS / f".dcp-step_{self.step}" / name
-                save_sharded(s, side)
-                parts[name] = side
-        if parts:
-            torch.distributed.barrier()
-        return parts
-
     # -- logging -------------------------------------------------------------------------------
-    def _log(self, logged: dict[str, float], lrs: dict[str, float], writer) -> dict:
+    def _log(self, logged: dict[str, float], lrs: dict[str, float]) -> dict:
         """Append one metrics.jsonl line (and TensorBoard scalars); returns the row."""
         images, since = self._window
         now = time.perf_counter()
@@ -425,10 +503,10 @@ class Distiller:
             return row
         with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if writer is not None:
+        if self._writer is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, self.step)
+                    self._writer.add_scalar(k, v, self.step)
         return row
 
     def _tensorboard(self):
@@ -446,7 +524,9 @@ class Distiller:
 # -- entry points ----------------------------------------------------------------------------------
 def distill(cfg: DistillConfig) -> Path:
     """Train a fresh run; returns `output_dir/final`."""
-    return Distiller(cfg).train()
+    final = Distiller(cfg).train()
+    shutdown()
+    return final
 
 
 def resume(output_dir: str | Path) -> Path:
@@ -459,32 +539,9 @@ def resume(output_dir: str | Path) -> Path:
     if found and found[-1][0] >= cfg.train.max_steps and (out / FINAL_DIR / "config.json").is_file():
         print(f"{out}: already complete at step {found[-1][0]}", file=sys.stderr)
         return out / FINAL_DIR
-    return Distiller(cfg, resume=True).train()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _pick_device(name: str, rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(
-            f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-        )
-    return torch.device(name)
-
-
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
-    ws = world_size()
-    if ws == 1:
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), ws
+    final = Distiller(cfg, resume=True).train()
+    shutdown()
+    return final
 
 
 def distill_from_cli(config: str | None, overrides: list[str], resume_dir: str | None) -> Path:

@@ -19,10 +19,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import ZOO, Encoder, EncoderOutput, create_model
+from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .common import pick_device
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

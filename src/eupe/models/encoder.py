@@ -112,6 +112,13 @@ class Encoder(
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         return height // self.stride, width // self.stride
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in order (ViT blocks; ConvNeXt blocks of every stage): the units that
+        FSDP shards and `torch.compile` compiles one by one."""
+        if self.family == "vit":
+            return list(self.backbone.blocks)
+        return [block for stage in self.backbone.stages for block in stage.blocks]
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> EncoderOutput:
         height, width = images.shape[-2:]

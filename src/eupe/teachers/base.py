@@ -100,6 +100,11 @@ class Teacher(nn.Module):
     def encode(self, images: torch.Tensor) -> EncoderOutput:
         raise NotImplementedError
 
+    def compile_encode(self) -> None:
+        """`torch.compile` the network forward (`train.compile`): the frozen teachers are most of a
+        distillation step's FLOPs. Backends that do not run a torch module keep theirs."""
+        self.encode = torch.compile(self.encode)  # type: ignore[method-assign]
+
     @torch.inference_mode()
     def forward(self, views: torch.Tensor, resolution: int | None = None) -> EncoderOutput:
         """Targets for a batch of [0,1] views, at `resolution` (default: native)."""

@@ -16,11 +16,9 @@ import torch
 from ..errors import ConfigError
 from ..models.encoder import EncoderOutput
 from ..models.loading import create_model
+from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..models.zoo import ZOO
 from .base import Teacher, _rng_devices, register_teacher, weights_to_bf16
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class EupeTeacher(Teacher):

@@ -26,8 +26,8 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..models.encoder import EncoderOutput
+from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .base import Teacher, register_teacher
-from .eupe_teacher import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _tensor_names(model: Any) -> list[str]:
@@ -162,6 +162,9 @@ class OnnxTeacher(Teacher):
             ]
             return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
         return self.session.run(names, {self.input_name: images})
+
+    def compile_encode(self) -> None:
+        """onnxruntime runs the graph; there is no torch module to compile."""
 
     def encode(self, images: torch.Tensor) -> EncoderOutput:
         if self.bgr:  # mean/std are given in RGB order and applied before the swap

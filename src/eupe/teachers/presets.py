@@ -99,8 +99,12 @@ def build_teacher_from_spec(
             f"teachers.{name}: unknown teacher {name!r}: not a preset ({', '.join(sorted(PRESETS))}) "
             f"and teachers.{name}.model is not set"
         )
-    if spec.dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"teachers.{name}.dtype must be 'fp32' or 'bf16'; got {spec.dtype!r}")
+    if spec.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"teachers.{name}.dtype must be 'auto', 'fp32' or 'bf16'; got {spec.dtype!r}")
+    if spec.dtype == "auto":  # frozen 1-7B teachers: bf16 on GPUs, exact fp32 on the CPU
+        spec = dataclasses.replace(
+            spec, dtype="bf16" if torch.device(device or "cpu").type == "cuda" else "fp32"
+        )
     kw = dataclasses.asdict(spec)
     backend = kw.pop("backend")
     kw.pop("weight")

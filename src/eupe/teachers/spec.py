@@ -22,7 +22,7 @@ class TeacherSpec:
     patches: where patch targets come from: "final" or "block:N" (timm); an output/tensor name (onnx).
     mean / std: input normalization; empty means "from the model's pretrained config".
     weight: teacher weight in the total loss. patch_weight: gamma on the patch terms (Table 10).
-    dtype: "fp32" or "bf16" (autocast for the teacher forward).
+    dtype: "auto" (bf16 on CUDA, fp32 on the CPU), "fp32" or "bf16" (bf16 weights and autocast).
     """
 
     backend: str = "timm"
@@ -37,4 +37,4 @@ class TeacherSpec:
     std: tuple[float, ...] = ()
     weight: float = 1.0
     patch_weight: float = 1.0
-    dtype: str = "fp32"
+    dtype: str = "auto"
