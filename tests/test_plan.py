@@ -3,6 +3,7 @@ behave (FSDP shards by N, checkpointing cuts activations, days = FLOPs / (N * pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,6 +24,7 @@ from eupe.distill.plan import (
     memory,
     plan,
 )
+from eupe.distill.plan.report import format_plan
 from eupe.errors import ConfigError
 
 # A 1-block timm ViT teacher (D=32, MLP 128, patch 16, 1 cls token) and a 1-block ViT-T student
@@ -202,3 +204,26 @@ def test_convnext_student_is_sized_per_block():
     c = plan_measure.size_model("cnx", "eupe", "eupe_convnext_tiny", [64], trainable=True)
     assert (c.stride, c.prefix_tokens, c.patch_tokens(64), c.num_blocks) == (32, 0, 4, 18)
     assert c.fwd_flops[64] > 0 and 0 < c.act_ckpt_bytes[64] < c.act_bytes[64]
+
+
+def test_family_plan_runs_the_teacher_once_for_every_student():
+    """configs/tiny/family.yaml: one proxy forward per image for three students; the same students in
+    three separate runs pay for the proxy three times."""
+    arch = {"proxy": "eupe_vitt16"}
+    family = load_plan_spec("configs/tiny/family.yaml", ["teachers.proxy.kwargs={depth: 2}"], arch)
+    assert list(family.student_nets()) == ["student vitt_d1", "student vitt_d2", "student convnext"]
+    costs = measure_costs(family)
+    p = plan(family, gpus=1, costs=costs)
+    alone = []
+    for name, net in family.students.items():
+        spec = dataclasses.replace(family, student=net, students={})
+        alone.append(plan(spec, gpus=1, costs={"student": costs[f"student {name}"], "proxy": costs["proxy"]}))
+    teacher = p["flops"]["per_image"]["teacher proxy forward"]
+    separate = sum(a["flops"]["per_image_model"] for a in alone)
+    assert p["flops"]["per_image_model"] == pytest.approx(separate - 2 * teacher)
+    # memory: every student's weights and optimizer, the largest student's activations
+    weights = [a["memory"]["variants"]["ddp"]["weights"] for a in alone]
+    acts = [a["memory"]["variants"]["ddp"]["activations"] for a in alone]
+    assert p["memory"]["variants"]["ddp"]["weights"] == pytest.approx(sum(weights))
+    assert p["memory"]["variants"]["ddp"]["activations"] == pytest.approx(max(acts))
+    assert "student convnext" in format_plan(p)

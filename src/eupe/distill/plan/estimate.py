@@ -61,15 +61,8 @@ def heads_activation_bytes(student_dim: int, hidden: int, n_teachers: int, n_tok
 def measure_costs(spec: PlanSpec, progress: Callable[[str], None] | None = None) -> dict[str, ModelCost]:
     """Per-image costs of the student and every teacher at every resolution they see."""
     costs = {
-        "student": size_model(
-            spec.student.model,
-            "eupe",
-            spec.student.model,
-            spec.student.resolutions,
-            spec.student.kwargs,
-            True,
-            progress,
-        )
+        key: size_model(net.model, "eupe", net.model, net.resolutions, net.kwargs, True, progress)
+        for key, net in spec.student_nets().items()
     }
     for name, t in spec.teachers.items():
         costs[name] = size_model(name, t.backend, t.model, t.resolutions, t.kwargs, False, progress)
@@ -79,15 +72,22 @@ def measure_costs(spec: PlanSpec, progress: Callable[[str], None] | None = None)
 def memory(
     spec: PlanSpec, costs: dict[str, ModelCost], gpus: int, micro: int, fsdp: bool, ckpt: bool
 ) -> dict[str, float]:
-    """Bytes per device. P = student + heads parameters, n = gpus if FSDP shards (else 1)."""
-    s = costs["student"]
+    """Bytes per device. P = students + heads parameters (a family holds every student), n = gpus if
+    FSDP shards (else 1); activations are the largest student's (each frees its own after backward)."""
+    nets = spec.student_nets()
     teachers = [costs[t] for t in spec.teachers]
-    r = max(spec.student.resolutions)  # peak memory is set by the largest draw
     dims = [(t.cls_dim, t.embed_dim) for t in teachers]
-    p = s.params + heads_params(s.embed_dim, spec.hidden_dim, dims)
+    p = sum(costs[k].params + heads_params(costs[k].embed_dim, spec.hidden_dim, dims) for k in nets)
     n = gpus if fsdp else 1
-    act = s.act_ckpt_bytes[r] if ckpt else s.act_bytes[r]
-    act += heads_activation_bytes(s.embed_dim, spec.hidden_dim, len(teachers), s.patch_tokens(r) + 1)
+
+    def student_act(key: str) -> float:
+        s, r = costs[key], max(nets[key].resolutions)  # peak memory is set by the largest draw
+        act = s.act_ckpt_bytes[r] if ckpt else s.act_bytes[r]
+        return act + heads_activation_bytes(
+            s.embed_dim, spec.hidden_dim, len(teachers), s.patch_tokens(r) + 1
+        )
+
+    act = max(student_act(k) for k in nets)
     teacher_ws = max(
         t.tokens(max(spec.teachers[k].resolutions))
         * (2 * t.embed_dim + max(3 * t.embed_dim, t.mlp_dim))
@@ -102,7 +102,9 @@ def memory(
         "weights": 4.0 * p / n,
         "grads": 4.0 * p / n,
         "optimizer": 8.0 * p / n,
-        "fsdp_gather": 2.0 * BF16 * (s.max_block_params + max(t.max_block_params for t in teachers))
+        "fsdp_gather": 2.0
+        * BF16
+        * (max(costs[k].max_block_params for k in nets) + max(t.max_block_params for t in teachers))
         if fsdp
         else 0.0,
         "activations": micro * act,
@@ -137,23 +139,25 @@ def plan(
         raise ConfigError(f"need --gpus > 0 and 0 < --mfu <= 1; got --gpus {gpus} --mfu {mfu}")
     hw = GPUS[gpu]
     costs = costs or measure_costs(spec, progress)
-    s = costs["student"]
-    rs = spec.student.resolutions
+    nets = spec.student_nets()
     teacher_fwd = {k: _mean(costs[k].fwd_flops, t.resolutions) for k, t in spec.teachers.items()}
-    student_fwd = _mean(s.fwd_flops, rs)
     dims = [(costs[k].cls_dim, costs[k].embed_dim) for k in spec.teachers]
-    head_fwd = sum(
-        heads_forward_flops(s.embed_dim, spec.hidden_dim, dims, s.patch_tokens(r)) for r in rs
-    ) / len(rs)
-    fsdp = s.params > 1e9 if fsdp is None else fsdp
-    per_image = {
-        **{f"teacher {k} forward": v for k, v in teacher_fwd.items()},
-        "student forward": student_fwd,
-        "student backward (2x forward)": 2 * student_fwd,
-        "heads forward+backward (3x forward)": 3 * head_fwd,
-    }
+    fsdp = any(costs[k].params > 1e9 for k in nets) if fsdp is None else fsdp
+    per_image = {f"teacher {k} forward": v for k, v in teacher_fwd.items()}  # once, for every student
+    students_fwd = 0.0
+    for key, net in nets.items():
+        s, rs = costs[key], net.resolutions
+        fwd = _mean(s.fwd_flops, rs)
+        heads = sum(
+            heads_forward_flops(s.embed_dim, spec.hidden_dim, dims, s.patch_tokens(r)) for r in rs
+        ) / len(rs)
+        name = "" if key == "student" else key.split(" ", 1)[1] + " "
+        per_image[f"{key} forward"] = fwd
+        per_image[f"{key} backward (2x forward)"] = 2 * fwd
+        per_image[f"heads {name}forward+backward (3x forward)"] = 3 * heads
+        students_fwd += fwd
     model_img = sum(per_image.values())
-    recompute_img = student_fwd if checkpointing else 0.0
+    recompute_img = students_fwd if checkpointing else 0.0
     step = spec.global_batch * (model_img + recompute_img)
     total = step * spec.max_steps
     seconds = total / (gpus * hw.peak_bf16 * mfu)
@@ -216,9 +220,9 @@ def plan(
 
 
 MEMORY_FORMULA = (
-    "P = student + heads params, n = GPUs with FSDP else 1, b = micro-batch; weights 4P/n (fp32 master), "
+    "P = student(s) + heads params, n = GPUs with FSDP else 1, b = micro-batch; weights 4P/n (fp32 master), "
     "grads 4P/n (fp32), optimizer 8P/n (AdamW m, v fp32), fsdp_gather 2*2*(largest student block + largest "
-    "teacher block) (bf16, current + prefetched), activations b*A (A measured per image, bf16; ckpt: block "
-    "inputs + one block), teacher_weights 2*sum P_t/n (bf16), teacher_forward b*(T*(2D+max(3D,D_mlp))*2 "
+    "teacher block) (bf16, current + prefetched), activations b*A (A measured per image for the largest "
+    "student, bf16; ckpt: block inputs + one block), teacher_weights 2*sum P_t/n (bf16), teacher_forward b*(T*(2D+max(3D,D_mlp))*2 "
     "working set + sum_t (N_t+1)*D_t*4 fp32 targets)"
 )

@@ -22,7 +22,7 @@ def _f(x: float) -> str:
 def format_plan(p: dict[str, Any]) -> str:
     """The human-readable table, with the formula behind every number."""
     hw, par, sp, fl = p["hardware"], p["parallelism"], p["spec"], p["flops"]
-    st = p["models"]["student"]
+    st = next(c for k, c in p["models"].items() if k.startswith("student"))
     lines = [
         f"eupe plan {p['config']}: {hw['gpus']} x {hw['gpu']} ({hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 "
         f"dense peak, {hw['memory_bytes'] / GB:.0f} GB), MFU {hw['mfu']}",
@@ -33,26 +33,31 @@ def format_plan(p: dict[str, Any]) -> str:
         f"{st['flops_method']}):",
     ]
     for key, c in p["models"].items():
-        role = "student" if key == "student" else "teacher"
-        net = sp["student"] if key == "student" else sp["teachers"][key]
+        role = "student" if key.startswith("student") else "teacher"
+        if key == "student":
+            net = sp["student"]
+        elif role == "student":
+            net = sp["students"][key.split(" ", 1)[1]]
+        else:
+            net = sp["teachers"][key]
         res = "/".join(str(r) for r in net["resolutions"])
         toks = "/".join(str((r // c["stride"]) ** 2 + c["prefix_tokens"]) for r in net["resolutions"])
         flops = "/".join(_f(c["fwd_flops"][r]) for r in net["resolutions"])
         lines.append(
-            f"  {role:<8}{'' if key == 'student' else key:<16}{net['model']:<36}{c['params'] / 1e6:>9,.1f}M  @{res:<12} tokens "
+            f"  {role:<8}{key.split(' ', 1)[1] if role == 'student' and ' ' in key else '' if role == 'student' else key:<16}{net['model']:<36}{c['params'] / 1e6:>9,.1f}M  @{res:<12} tokens "
             f"{toks:<14} fwd {flops}/img"
         )
         if net.get("note"):
             lines.append(f"          note: {net['note']}")
     lines += ["", "FLOPs per image (E_r = mean over the resolutions a network draws, uniform):"]
     for k, v in fl["per_image"].items():
-        lines.append(f"  {k:<44}{_f(v):>16}")
+        lines.append(f"  {k:<52}{_f(v):>16}")
     if fl["per_image_recompute"]:
         lines.append(
-            f"  {'checkpoint recompute (1x student forward)':<44}{_f(fl['per_image_recompute']):>16}"
+            f"  {'checkpoint recompute (1x student forward)':<52}{_f(fl['per_image_recompute']):>16}"
         )
     lines += [
-        f"  {'total per image':<44}{_f(fl['per_image_model'] + fl['per_image_recompute']):>16}",
+        f"  {'total per image':<52}{_f(fl['per_image_model'] + fl['per_image_recompute']):>16}",
         f"  per step = {sp['global_batch']} x per image = {_f(fl['per_step'])};  "
         f"total = x {sp['max_steps']:,} steps = {_f(fl['total'])} ({fl['total']:.3e})",
         f"  formula: {fl['formula']}",

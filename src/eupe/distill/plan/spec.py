@@ -38,6 +38,14 @@ class PlanSpec:
     max_steps: int
     accum_steps: int = 1
     dataset_size: int | None = None
+    # family runs: every student by name (`student` is then the first); empty for a lone student
+    students: dict[str, NetSpec] = field(default_factory=dict)
+
+    def student_nets(self) -> dict[str, NetSpec]:
+        """Cost key -> student: "student" for a lone run, "student <name>" for each of a family."""
+        if not self.students:
+            return {"student": self.student}
+        return {f"student {n}": net for n, net in self.students.items()}
 
 
 # --- reading a distill config ---------------------------------------------------------------------
@@ -94,13 +102,19 @@ def spec_from_config(cfg: Any, name: str = "config", arch: dict[str, str] | None
             f"--arch names {unknown}, which are not teachers of this config ({', '.join(cfg.teachers)})"
         )
     stage, pyramid = cfg.stage, [int(r) for r in cfg.pyramid]
-    s = cfg.student
-    student_res = pyramid if stage == "pyramid" else [int(s.resolution)]
-    student = NetSpec("eupe", s.name, student_res, dict(s.overrides or {}))
+    from ..family import is_family, student_specs
+
+    students = {
+        n: NetSpec(
+            "eupe", s.name, pyramid if stage == "pyramid" else [int(s.resolution)], dict(s.overrides or {})
+        )
+        for n, s in student_specs(cfg).items()
+    }
     teachers = {t: _teacher_spec(t, spec, stage, pyramid, arch) for t, spec in cfg.teachers.items()}
     return PlanSpec(
         name=name,
-        student=student,
+        student=next(iter(students.values())),
+        students=students if is_family(cfg) else {},
         teachers=teachers,
         hidden_dim=int(cfg.heads.hidden_dim),
         global_batch=int(cfg.train.global_batch),
