@@ -116,7 +116,7 @@ def _paper_teachers() -> dict[str, tuple[int, int, int]]:
 
 def test_paper_teacher_dims():
     assert _paper_teachers() == {
-        "pe_core_g": (1536, 1536, 32),  # attention-pooled summary (pre-projection), patch 14 @448
+        "pe_core_g": (1280, 1536, 32),  # projected image embedding (text space), patch 14 @448
         "pe_lang_g": (1536, 1536, 32),
         "dinov3_hplus": (1280, 1280, 16),
         "proxy": (1536, 1536, 16),

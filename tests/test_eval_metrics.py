@@ -9,23 +9,30 @@ import pytest
 import torch
 
 from eupe.errors import ConfigError
-from eupe.eval.common import EvalResult, lr_at, parse_overrides, read_result, resolve_settings
+from eupe.eval.common import EvalResult, parse_overrides, read_result, resolve_settings
 from eupe.eval.depth import depth_metrics, eigen_crop_mask, sig_loss
-from eupe.eval.knn import KNNSettings, knn_accuracy, knn_vote, running_topk
+from eupe.eval.knn import KNNSettings, knn_accuracy, knn_predict, running_topk, vote_paper, vote_release
 from eupe.eval.pca import pca_rgb
 from eupe.eval.seg import intersect_union, mean_iou
 from eupe.eval.spair import long_side_for, match_keypoints, pck
 
 
-def test_knn_vote_majority_and_tie_break():
-    # neighbours sorted by similarity; labels per neighbour
-    sims = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.9, 0.5, 0.4, 0.3], [0.9, 0.8, 0.2, 0.1]])
-    labels = torch.tensor([[0, 1, 1, 2], [2, 1, 1, 0], [0, 1, 2, 2]])
-    # row 0: k=4 -> class 1 has two votes; row 1: class 1 (2 votes) beats the nearest (class 2)
-    # row 2, k=2: a 1-1 tie between 0 (0.9) and 1 (0.8) goes to the larger summed similarity
-    assert knn_vote(sims, labels, 4, 3).tolist() == [1, 1, 2]
-    assert knn_vote(sims, labels, 2, 3).tolist() == [0, 2, 0]
-    assert knn_vote(sims, labels, 1, 3).tolist() == [0, 2, 0]
+def test_knn_votes_by_hand():
+    # neighbours sorted best first; labels per neighbour
+    sims = torch.tensor([[1.0, 0.9, 0.9, 0.1], [0.9, 0.5, 0.4, 0.3]])
+    labels = torch.tensor([[0, 1, 1, 2], [2, 1, 1, 0]])
+    # release, T = 0.07: exp(1/T) > 2 exp(0.9/T) (ratio e^(0.1/0.07) = 4.2), so one close
+    # neighbour outvotes two farther ones; with T = 1 the two win
+    assert vote_release(sims, labels, 3, 3, 0.07).tolist() == [0, 2]
+    assert vote_release(sims, labels, 3, 3, 1.0).tolist() == [1, 1]
+    assert vote_release(sims, labels, 1, 3).tolist() == [0, 2]
+    # paper: distances sorted ascending; plain majority, a tie goes to the smallest summed distance
+    dists = torch.tensor([[0.1, 0.5, 0.6, 0.7], [0.2, 0.3, 0.35, 0.4], [0.1, 0.2, 0.3, 0.5]])
+    labels = torch.tensor([[0, 1, 1, 2], [2, 1, 0, 2], [0, 1, 1, 0]])
+    assert vote_paper(dists, labels, 3, 3).tolist() == [1, 2, 1]  # row 1: a 1-1-1 tie, class 2 is nearest
+    assert vote_paper(dists, labels, 2, 3).tolist() == [0, 2, 0]  # 1-1 ties
+    # row 2, k=4: 2 votes each; class 1 (0.2 + 0.3) beats class 0 (0.1 + 0.5) despite the nearest
+    assert vote_paper(dists, labels, 4, 3).tolist() == [1, 2, 1]
 
 
 def test_running_topk_matches_full_topk():
@@ -41,13 +48,75 @@ def test_running_topk_matches_full_topk():
 def test_knn_accuracy_by_hand():
     train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [1.0, 0.05]])
     train_y = torch.tensor([0, 0, 1, 1, 1])
-    val = torch.tensor([[1.0, 0.04], [0.05, 1.0], [2.0, 0.0]])  # after L2 normalization row 3 is [1, 0]
+    val = torch.tensor([[1.0, 0.04], [0.05, 1.0], [3.0, 0.3]])  # val2 points exactly along train1
     val_y = torch.tensor([0, 1, 1])
-    acc = knn_accuracy(train, train_y, val, val_y, ks=[1, 3], num_classes=2, chunk_size=2)
-    # k=1: nearest of val0 is train4 (label 1): wrong; val1 -> 1 right; val2 (= [1, 0]) -> train0: wrong
+    acc = knn_accuracy(train, train_y, val, val_y, ks=[1, 3], num_classes=2, protocol="release", chunk_size=2)
+    # release (cosine): k=1: val0 -> train4 (label 1) wrong; val1 -> train2 right; val2 -> train1 wrong
     assert acc[1] == pytest.approx(1 / 3)
-    # k=3: val0 -> {4, 0, 1} = two 0s: right; val1 -> {3, 2, 1} -> 1: right; val2 -> 0 wins: wrong
+    # k=3: val0 -> {4, 0, 1}: two near-equal 0 weights beat one: right; val1 -> {2, 3, 1}: right;
+    # val2 -> {1, 4, 0}: wrong
     assert acc[3] == pytest.approx(2 / 3)
+    # paper (raw L2): k=1: val0 -> train4 wrong; val1 -> train2 right; val2 ([3, 0.3]) -> train4 right
+    acc = knn_accuracy(train, train_y, val, val_y, ks=[1, 3], num_classes=2, protocol="paper", chunk_size=2)
+    assert acc[1] == pytest.approx(2 / 3)
+    assert acc[3] == pytest.approx(2 / 3)  # val2 -> {4, 0, 1}: two 0s, wrong; val0 -> {4, 0, 1} right
+    with pytest.raises(ConfigError, match="protocol"):
+        knn_accuracy(train, train_y, val, val_y, ks=[1], num_classes=2, protocol="cosine")
+
+
+def _knn_reference(train, train_y, val, ks, num_classes, protocol, temperature=0.07):
+    """One val image at a time, in float64, with the full distance row: the protocols as written."""
+    train, val = train.double().numpy(), val.double().numpy()
+    train_y = train_y.numpy()
+    if protocol == "release":
+        train = train / np.linalg.norm(train, axis=1, keepdims=True)
+        val = val / np.linalg.norm(val, axis=1, keepdims=True)
+    preds = {k: [] for k in ks}
+    for q in val:
+        if protocol == "release":
+            sims = train @ q
+            order = np.argsort(-sims, kind="stable")
+        else:
+            dists = np.sqrt(((train - q) ** 2).sum(1))
+            order = np.argsort(dists, kind="stable")
+        for k in ks:
+            nb = order[: min(k, len(train))]
+            if protocol == "release":
+                w = np.exp(sims[nb] / temperature)
+                w = w / w.sum()  # the release's softmax over the neighbours
+                scores = np.zeros(num_classes)
+                np.add.at(scores, train_y[nb], w)
+                preds[k].append(int(np.argmax(scores)))
+            else:
+                votes = np.bincount(train_y[nb], minlength=num_classes)
+                summed = np.zeros(num_classes)
+                np.add.at(summed, train_y[nb], dists[nb])
+                tied = np.flatnonzero(votes == votes.max())
+                preds[k].append(int(tied[np.argmin(summed[tied])]))
+    return {k: np.array(v) for k, v in preds.items()}
+
+
+@pytest.mark.parametrize("protocol,temperature", [("release", 0.07), ("release", 1.0), ("paper", 0.07)])
+def test_knn_matches_a_reference_implementation(protocol, temperature):
+    g = torch.Generator().manual_seed(0)
+    classes, n_train, n_val, dim = 7, 230, 61, 12
+    centres = 1.5 * torch.randn(classes, dim, generator=g)
+    train_y = torch.randint(classes, (n_train,), generator=g)
+    val_y = torch.randint(classes, (n_val,), generator=g)
+    # uneven norms, so cosine and L2 rank differently
+    scale = lambda n: torch.exp(torch.randn(n, 1, generator=g))  # noqa: E731
+    train = (centres[train_y] + 2 * torch.randn(n_train, dim, generator=g)) * scale(n_train)
+    val = (centres[val_y] + 2 * torch.randn(n_val, dim, generator=g)) * scale(n_val)
+    ks = [1, 10, 20, 100, 200, 500]  # 500 > 230 train features: all of them
+    ref = _knn_reference(train, train_y, val, ks, classes, protocol, temperature)
+    # small chunks: several bank blocks (the last one partial) and several val blocks
+    kw = dict(protocol=protocol, temperature=temperature, chunk_size=37, query_chunk=16)
+    preds = knn_predict(train, train_y, val, ks, classes, **kw)
+    acc = knn_accuracy(train, train_y, val, val_y, ks, classes, **kw)
+    for k in ks:
+        assert preds[k].tolist() == ref[k].tolist(), k
+        assert acc[k] == pytest.approx(float((ref[k] == val_y.numpy()).mean()), abs=1e-6)
+    assert 0.2 < acc[10] < 0.95  # neither chance (1/7) nor trivial
 
 
 def test_miou_with_absent_classes_by_hand():
@@ -91,14 +160,22 @@ def test_eigen_crop_scales_with_the_image():
     assert full.sum() == (471 - 45) * (601 - 41) and full[45, 41] and not full[44, 41] and not full[45, 601]
     half = eigen_crop_mask(240, 320)
     rows, cols = np.where(half)
-    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (22, 236, 20, 300)  # 22.5 rounds to 22
+    # int() of the scaled box, as the release's make_valid_mask: 22.5 -> 22, 235.5 -> 235
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (22, 235, 20, 300)
 
 
-def test_sig_loss_is_scale_invariant_up_to_mean_term():
+def test_sig_loss_is_the_release_formula():
     gt = torch.rand(2, 8, 8) * 5 + 1
+    gt[0, 0, :3] = 0.0  # no depth: left out
     assert float(sig_loss(gt[:, None].clone(), gt)) == pytest.approx(0.0, abs=1e-5)
-    # pred = 2 * gt: g = log 2 everywhere, Var = 0 -> sqrt(0.15) * log 2
-    assert float(sig_loss(2 * gt[:, None], gt)) == pytest.approx(np.sqrt(0.15) * np.log(2), rel=1e-4)
+    # pred = 2 * gt: g = log(2 gt + 1e-3) - log(gt + 1e-3), unbiased variance
+    valid = gt.numpy() > 0
+    g = np.log(2 * gt.numpy()[valid] + 1e-3) - np.log(gt.numpy()[valid] + 1e-3)
+    expected = np.sqrt(g.var(ddof=1) + 0.15 * g.mean() ** 2)
+    assert float(sig_loss(2 * gt[:, None], gt)) == pytest.approx(expected, rel=1e-4)
+    # the warm-up form (first 100 steps of the release) leaves the variance out
+    warm = float(sig_loss(2 * gt[:, None], gt, with_variance=False))
+    assert warm == pytest.approx(np.sqrt(0.15) * abs(g.mean()), rel=1e-4)
 
 
 def test_pca_rgb_on_known_components():
@@ -129,13 +206,6 @@ def test_overrides_and_settings():
         resolve_settings(KNNSettings, {"batch_size": "many"})
     with pytest.raises(ConfigError, match="positive"):
         resolve_settings(KNNSettings, {"k": [0]})
-
-
-def test_warmup_is_clipped_to_the_run():
-    assert lr_at(0, iterations=4, warmup_iters=100, lr=1.0) == pytest.approx(0.25)
-    assert lr_at(3, iterations=4, warmup_iters=100, lr=1.0) == pytest.approx(1.0)
-    assert lr_at(0, iterations=10, warmup_iters=0, lr=1.0) == pytest.approx(1.0)
-    assert lr_at(10, iterations=10, warmup_iters=0, lr=1.0) == pytest.approx(0.0)
 
 
 def test_results_json_round_trip(tmp_path):

@@ -117,6 +117,49 @@ def test_load_errors_are_one_line(tmp_path, official_pth):
     assert "blocks.3.mlp.fc1.weight" in msg
 
 
+def _truncated_safetensors(path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+@pytest.mark.parametrize(
+    "filename,make,reason",
+    [
+        ("cut.safetensors", _truncated_safetensors, "truncated safetensors file"),
+        (
+            "notes.pth",
+            lambda p: p.write_text("these are my notes\nnot weights\n"),
+            "a text file, not a checkpoint",
+        ),
+        ("noise.pth", lambda p: p.write_bytes(bytes(range(256)) * 8), "not a PyTorch or safetensors file"),
+        (
+            "noise.safetensors",
+            lambda p: p.write_bytes(bytes(range(255, -1, -1)) * 8),
+            "corrupt safetensors file",
+        ),
+    ],
+)
+def test_unreadable_weights_name_the_file_and_the_expected_model(tmp_path, filename, make, reason):
+    path = tmp_path / filename
+    make(path)
+    msg = _one_line_error(lambda: create_model("eupe_vitt16", weights=path))
+    prefix = f"{path}: not a readable checkpoint for eupe_vitt16 (timm vit_tiny_patch16_dinov3_qkvb): "
+    assert msg.startswith(prefix) and reason in msg, msg
+    assert len(msg) - len(prefix) < 60, msg  # a few words, not PyTorch's whole explanation
+    # the same for a timm teacher's checkpoint
+    from eupe.teachers.timm_teacher import TimmTeacher
+
+    msg = _one_line_error(
+        lambda: TimmTeacher("vit_small_patch16_dinov3", checkpoint=str(path), pretrained=False)
+    )
+    assert (
+        msg.startswith(f"{path}: not a readable checkpoint for timm model vit_small_patch16_dinov3")
+        and reason in msg
+    )
+
+
 def test_weights_only_refuses_pickled_code(tmp_path):
     import pickle
 

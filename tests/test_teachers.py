@@ -150,7 +150,7 @@ def test_norm_and_bf16_from_spec() -> None:
 
 
 PAPER = {  # preset: (resolution, stride, cls_dim, patch_dim)
-    "pe_core_g": (448, 14, 1536, 1536),
+    "pe_core_g": (448, 14, 1280, 1536),  # cls: the projected image embedding
     "pe_lang_g": (448, 14, 1536, 1536),
     "dinov3_hplus": (256, 16, 1280, 1280),
     "siglip2_g": (384, 16, 1536, 1536),
@@ -174,7 +174,7 @@ def test_presets_on_meta_device() -> None:
                     patch_dim,
                 )
             if name == "pe_core_g":
-                assert t.summary == "head" and t.model.num_prefix_tokens == 0
+                assert t.summary == "proj" and t.model.num_prefix_tokens == 0
         with pytest.raises(
             ConfigError, match=r"teacher 'pe_core_g' expects 448x448 input; got resolution=450"
         ):

@@ -35,11 +35,13 @@ class SourceSpec:
 
 @dataclass
 class AugmentConfig:
-    """The paper's Stage-2/3 augmentations (section 4.1), each with a probability.
+    """The augmentations the paper names for Stages 2/3 (section 4.1), each with a probability.
 
     The view is a random resized crop (area fraction `crop_scale`, aspect `crop_ratio`) resized to
     the view size, then horizontal flip, color jitter (factors drawn uniformly, ops in random
     order), Gaussian blur (sigma in `blur_sigma`) and solarization (pixels >= threshold inverted).
+    The paper lists these operations but gives no parameters: the values below are our choice,
+    taken from DINOv2/v3's global-crop augmentations (docs/fidelity.md says which and why).
     """
 
     crop_scale: tuple[float, float] = (0.32, 1.0)

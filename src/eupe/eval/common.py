@@ -8,7 +8,6 @@ Every evaluation returns an `EvalResult` and writes it as `results.json`.
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -132,15 +131,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def lr_at(step: int, iterations: int, warmup_iters: int, lr: float) -> float:
-    """Linear warmup (clipped to the run length), then cosine decay to zero."""
-    warmup = min(warmup_iters, iterations)
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, iterations - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def snap(size: float, stride: int) -> int:

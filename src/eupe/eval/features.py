@@ -7,33 +7,79 @@ trains the head on batches drawn from that cache. The cost: fewer distinct augme
 `cache_refresh=R` softens by rebuilding the cache from fresh augmentations every R steps (R = the
 steps of one pass over the cache: "a new cache per epoch").
 `cache_views=0` recomputes the backbone on fresh augmentations every step (the paper's protocol).
+
+The optimizer is AdamW under `WarmupOneCycle`, the learning-rate (and optionally Adam beta1) curve of
+the released EUPE/DINOv3 probe configs, written as a pure function of the step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .common import lr_at
 from .models import EvalModel
 
 # one augmented training view: (image [3,S,S] float in [0,1], target [S,S])
 ViewFn = Callable[[int, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class WarmupOneCycle:
+    """The release's `WarmupOneCycleLR` (eupe/eval/{segmentation,depth}/schedulers.py) as step -> values.
+
+    Warmup (step < `warmup`): with `warmup_ratio` > 0, lr * (1 - (1 - s/W)(1 - ratio)) * (1 - s/T)
+    (seg); else lr / final_div_factor + lr * (1 + cos(pi s/T)) / 2 * s/W (depth). After it, cosine
+    from lr down to lr / div_factor / final_div_factor at (s + 1)/T. With `momentum=(base, max)`,
+    Adam's beta1 is 0 during warmup (the release sets no momentum there), then rises from base to
+    max on a cosine. `step_offset=1` repeats the first value once: the release's seg loop skips
+    `scheduler.step()` after its first iteration.
+    """
+
+    lr: float
+    total: int
+    warmup: int
+    warmup_ratio: float = 0.0
+    div_factor: float = 25.0
+    final_div_factor: float = 1000.0
+    momentum: tuple[float, float] | None = None
+    step_offset: int = 0
+
+    def __call__(self, step: int) -> tuple[float, float | None]:
+        """(learning rate, beta1 or None to leave it) for optimizer step `step` (0-based)."""
+        s, total, warm = max(0, step - self.step_offset), max(1, self.total), self.warmup
+        min_lr = self.lr / self.div_factor / self.final_div_factor  # 0 for final_div_factor=inf
+        if s < warm:
+            if self.warmup_ratio:
+                k = (1 - s / warm) * (1 - self.warmup_ratio)
+                lr = self.lr * (1 - k) * (1 - s / total)
+            else:
+                peak = self.lr * (1 + math.cos(math.pi * s / total)) / 2
+                lr = self.lr / self.final_div_factor + peak * s / warm
+            return lr, (0.0 if self.momentum else None)
+        lr = min_lr + (self.lr - min_lr) / 2 * (1 + math.cos(math.pi * min(1.0, (s + 1) / total)))
+        if self.momentum is None:
+            return lr, None
+        base, top = self.momentum
+        pct = min(1.0, (s - warm) / max(1, total - warm))
+        return lr, top + (base - top) / 2 * (1 + math.cos(math.pi * pct))
+
+
 @dataclass
 class ProbeSchedule:
     iterations: int
     batch_size: int
-    lr: float
+    schedule: WarmupOneCycle
     weight_decay: float
-    warmup_iters: int
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0  # max global grad norm of the head; 0: no clipping
     cache_views: int = 0
     seed: int = 0
     num_workers: int = 0
@@ -41,8 +87,17 @@ class ProbeSchedule:
 
 
 def patch_features(model: EvalModel, images01: torch.Tensor) -> torch.Tensor:
-    """Frozen patch tokens (after the final norm) as a [B, D, h, w] map."""
-    return model.encode(model.normalize(images01.to(model.device))).patch_map().float()
+    """Frozen patch tokens (after the final norm) as a [B, D, h, w] map.
+
+    Sides that are not multiples of the stride are zero-padded (after normalization) on both sides
+    to the next multiple, as the release's depth probe does (`CenterPadding`); the map then covers
+    the padded image.
+    """
+    x = model.normalize(images01.to(model.device))
+    ph, pw = (-x.shape[-2]) % model.stride, (-x.shape[-1]) % model.stride
+    if ph or pw:
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return model.encode(x).patch_map().float()
 
 
 class _Views(torch.utils.data.Dataset):
@@ -114,7 +169,10 @@ def train_probe(
 ) -> dict[str, float]:
     """Train `head` (feature map -> predictions) with AdamW; returns timing and the last loss."""
     head.to(model.device).train()
-    opt = torch.optim.AdamW(head.parameters(), lr=sched.lr, weight_decay=sched.weight_decay)
+    lr0, _ = sched.schedule(0)
+    opt = torch.optim.AdamW(
+        head.parameters(), lr=lr0, betas=tuple(sched.betas), weight_decay=sched.weight_decay
+    )
     gen = torch.Generator().manual_seed(sched.seed)
     cache = batches = None
     cache_seconds, cache_builds = 0.0, 0
@@ -139,8 +197,11 @@ def train_probe(
     loss_value = float("nan")
     bar = tqdm(range(sched.iterations), desc=desc, unit="it", leave=False)
     for step in bar:
+        lr, beta1 = sched.schedule(step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, sched.iterations, sched.warmup_iters, sched.lr)
+            g["lr"] = lr
+            if beta1 is not None:
+                g["betas"] = (beta1, g["betas"][1])
         if cache is not None:
             if sched.cache_refresh > 0 and step > 0 and step % sched.cache_refresh == 0:
                 cache = None  # free the old features before computing the new ones
@@ -154,6 +215,8 @@ def train_probe(
         loss = loss_fn(head(feats), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if sched.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), sched.grad_clip)
         opt.step()
         if step % 10 == 0 or step == sched.iterations - 1:
             loss_value = float(loss.detach())
@@ -170,23 +233,69 @@ def train_probe(
     }
 
 
-def random_crop_flip(
-    image: torch.Tensor, target: torch.Tensor, size: tuple[int, int], fill: float, rng: np.random.Generator
+def random_crop(
+    image: torch.Tensor,
+    target: torch.Tensor,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    cat_max_ratio: float = 1.0,
+    ignore_index: int = 255,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random `size` crop (padding with 0 / `fill` where the input is smaller) and a random h-flip."""
-    h, w = image.shape[-2:]
+    """A uniformly placed crop of at most `size` (smaller where the input is smaller).
+
+    cat_max_ratio < 1 (segmentation): redraw the box up to 10 times until no single class covers
+    `cat_max_ratio` or more of the crop's labelled pixels (mmseg's / the release's rule).
+    """
+    h, w = target.shape[-2:]
     ch, cw = size
-    ph, pw = max(0, ch - h), max(0, cw - w)
-    if ph or pw:
-        image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0.0)
-        target = torch.nn.functional.pad(target, (0, pw, 0, ph), value=fill)
-        h, w = image.shape[-2:]
-    y = int(rng.integers(0, h - ch + 1))
-    x = int(rng.integers(0, w - cw + 1))
-    image, target = image[..., y : y + ch, x : x + cw], target[..., y : y + ch, x : x + cw]
+
+    def box() -> tuple[int, int]:
+        return int(rng.integers(0, max(h - ch, 0) + 1)), int(rng.integers(0, max(w - cw, 0) + 1))
+
+    y, x = box()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            values, counts = torch.unique(target[..., y : y + ch, x : x + cw], return_counts=True)
+            counts = counts[values != ignore_index]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            y, x = box()
+    return image[..., y : y + ch, x : x + cw], target[..., y : y + ch, x : x + cw]
+
+
+def maybe_flip(
+    image: torch.Tensor, target: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal flip of both with probability 0.5."""
     if rng.random() < 0.5:
-        image, target = image.flip(-1), target.flip(-1)
+        return image.flip(-1), target.flip(-1)
+    return image, target
+
+
+def pad_bottom_right(
+    image: torch.Tensor,
+    target: torch.Tensor,
+    size: tuple[int, int],
+    image_fill: tuple[float, ...],
+    target_fill: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad up to `size` at the bottom and right; `image_fill` per channel (the model's mean pads to 0
+    after normalization, as the release pads the normalized crop with 0)."""
+    (c, h, w), (out_h, out_w) = image.shape, (max(size[0], image.shape[-2]), max(size[1], image.shape[-1]))
+    if (out_h, out_w) != (h, w):
+        fill = torch.tensor(image_fill, dtype=image.dtype).view(-1, 1, 1)
+        padded = fill.expand(c, out_h, out_w).clone()
+        padded[:, :h, :w] = image
+        image = padded
+        target = F.pad(target, (0, out_w - w, 0, out_h - h), value=target_fill)
     return image.contiguous(), target.contiguous()
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """(H, W) with the shorter side `short`, the other int(x + 0.5) of the scaled one (the release's)."""
+    if h > w:
+        return int(short * h / w + 0.5), short
+    return short, int(short * w / h + 0.5)
 
 
 def to_tensor01(image: np.ndarray) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""Linear semantic segmentation on ADE20k (paper section 8.3).
+"""Linear semantic segmentation on ADE20k (paper section 8.3), as Meta's released config sets it.
 
-Frozen patch tokens after the final norm -> BatchNorm -> 1x1 conv (linear) classifier, logits
-upsampled bilinearly to the label size. AdamW lr 1e-3, wd 1e-3, batch 16, 512 px crops, 40k
-iterations. Evaluation: short side resized to `resolution`, sliding `resolution` windows with
-stride 2/3 of a window, logits resized to the original label; mIoU over the 150 classes with label
-0 ignored (reduce_zero_label), averaged over the classes present in the evaluated set (union > 0),
-as mmseg does.
+The release's `config-ade20k-linear-training.yaml` (facebookresearch/EUPE eupe/eval/segmentation):
+frozen patch tokens after the final norm -> Dropout2d(0.1) -> BatchNorm -> 1x1 conv (weights
+N(0, 0.01), bias 0) -> logits upsampled bilinearly to the label size -> cross-entropy averaged over
+all pixels (ignored ones count as 0). AdamW lr 1e-3, betas (0.9, 0.999), wd 1e-3, no gradient
+clipping, batch 16, 40k iterations under `WarmupOneCycle` (1500 warmup steps from ~0, then cosine
+to 0). Training view: short side 512 x U(0.5, 2.0), 512x512 crop (cat_max_ratio 0.75), flip,
+photometric distortion, padded to 512 (label 255). Evaluation: short side resized to 512, 512
+windows at stride 341, averaged logits resized to the label; mIoU over the 150 classes with label 0
+ignored (reduce_zero_label), averaged over the classes present in the evaluated set (union > 0).
+Differences kept from the release are listed in docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -25,14 +29,21 @@ from .common import EvalResult, resolve_settings, seed_everything, settings_dict
 from .datasets import ADE20k
 from .features import (
     ProbeSchedule,
+    WarmupOneCycle,
+    maybe_flip,
+    pad_bottom_right,
     patch_features,
-    random_crop_flip,
+    random_crop,
     resize_image,
     resize_nearest,
+    short_side_size,
     to_tensor01,
     train_probe,
 )
 from .models import EvalModel, load_model
+
+# the release's warmup, 1500 of its 40k iterations; warmup_iters=-1 keeps this share of any run
+RELEASE_WARMUP_SHARE = 1500 / 40000
 
 
 @dataclass
@@ -41,9 +52,15 @@ class SegSettings:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-3
-    warmup_iters: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0  # max grad norm of the head; 0 = none (the release: 'inf')
+    warmup_iters: int = -1  # -1: the release's share of the run (1500 of 40k)
     resolution: int = 512  # training crop and sliding window side
+    window_stride: int = 0  # sliding-window step; 0 = int(resolution * 2/3) (341 at 512, the release)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale of the short side before cropping
+    cat_max_ratio: float = 0.75  # redraw crops where one class covers this much (1.0 = never)
+    photometric: bool = True  # mmseg's PhotoMetricDistortion on training crops
+    dropout: float = 0.1  # Dropout2d on the features during training
     num_classes: int = 150
     cache_views: int = 0  # >0: train on cached features of this many fixed views per image
     cache_refresh: int = 0  # with cache_views: new augmentations every this many iterations (0 = never)
@@ -56,20 +73,56 @@ class SegSettings:
 
 
 class LinearSegHead(nn.Module):
-    """BatchNorm -> 1x1 conv over a [B, D, h, w] feature map."""
+    """Dropout2d -> BatchNorm -> 1x1 conv over a [B, D, h, w] feature map (dropout only in training)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
+        self.dropout = nn.Dropout2d(dropout)
         self.bn = nn.BatchNorm2d(dim)
         self.conv = nn.Conv2d(dim, num_classes, 1)
+        nn.init.normal_(self.conv.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.bn(feats))
+        return self.conv(self.bn(self.dropout(feats)))
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy at the label size, averaged over all pixels, ignored ones counting 0 (the release's
+    `avg_non_ignore=False`)."""
     logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index)
+    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none").mean()
+
+
+def photometric_distortion(image01: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """mmseg's PhotoMetricDistortion with the release's ranges, on the uint8 image it would see.
+
+    Each step with probability 0.5: brightness + U(-32, 32); contrast x U(0.5, 1.5) (first or last,
+    at random); saturation x U(0.5, 1.5); hue shift U(-0.5, 0.5) turns. Values are clipped and
+    truncated to uint8 after every step, as the release does.
+    """
+    from torchvision.transforms import functional as TF
+
+    x = (image01 * 255).round().clamp(0, 255).to(torch.uint8)
+
+    def affine(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+        return (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+
+    def contrast(x: torch.Tensor) -> torch.Tensor:
+        return affine(x, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else x
+
+    if rng.integers(2):
+        x = affine(x, beta=rng.uniform(-32, 32))
+    contrast_first = rng.integers(2) == 1
+    if contrast_first:
+        x = contrast(x)
+    if rng.integers(2):
+        x = TF.adjust_saturation(x, float(rng.uniform(0.5, 1.5)))
+    if rng.integers(2):
+        x = TF.adjust_hue(x, float(rng.uniform(-0.5, 0.5)))
+    if not contrast_first:
+        x = contrast(x)
+    return x.float() / 255
 
 
 def intersect_union(
@@ -97,42 +150,47 @@ def mean_iou(intersection: np.ndarray, union: np.ndarray) -> tuple[float, np.nda
     return (float(np.nanmean(iou)) if present.any() else float("nan")), iou
 
 
-def short_side_size(h: int, w: int, short: int, stride: int) -> tuple[int, int]:
-    r = short / min(h, w)
-    return snap(h * r, stride), snap(w * r, stride)
-
-
 @torch.inference_mode()
 def sliding_logits(
-    model: EvalModel, head: nn.Module, image01: torch.Tensor, window: int, num_classes: int
+    model: EvalModel, head: nn.Module, image01: torch.Tensor, window: int, stride: int, num_classes: int
 ) -> torch.Tensor:
-    """Average of window logits over a [3, H, W] image (H, W >= window): [C, H, W]."""
+    """Average of window logits over a [3, H, W] image: [C, H, W] (the release's `slide_inference`).
+
+    Windows start every `stride` pixels; the last one in each direction is moved back to end at the
+    border; a side shorter than `window` is covered by one window of its own length.
+    """
     _, h, w = image01.shape
-    step = max(model.stride, snap(window * 2 / 3, model.stride))
-    ys = sorted({min(y, h - window) for y in range(0, max(h - window, 0) + step, step)})
-    xs = sorted({min(x, w - window) for x in range(0, max(w - window, 0) + step, step)})
+    ch, cw = min(window, h), min(window, w)
+    rows = max(h - ch + stride - 1, 0) // stride + 1
+    cols = max(w - cw + stride - 1, 0) // stride + 1
     logits = torch.zeros(num_classes, h, w, device=model.device)
     count = torch.zeros(1, h, w, device=model.device)
-    crops = [(y, x) for y in ys for x in xs]
-    for y, x in crops:
-        crop = image01[:, y : y + window, x : x + window][None].to(model.device)
-        out = head(patch_features(model, crop))
-        out = F.interpolate(out, size=(window, window), mode="bilinear", align_corners=False)[0]
-        logits[:, y : y + window, x : x + window] += out
-        count[:, y : y + window, x : x + window] += 1
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + ch, h), min(c * stride + cw, w)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            crop = image01[:, y1:y2, x1:x2][None].to(model.device)
+            out = head(patch_features(model, crop))
+            out = F.interpolate(out, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+            logits[:, y1:y2, x1:x2] += out
+            count[:, y1:y2, x1:x2] += 1
     return logits / count
 
 
-def _train_view(data: ADE20k, s: SegSettings, stride: int):
+def _train_view(data: ADE20k, s: SegSettings, mean: tuple[float, ...]):
+    size = (s.resolution, s.resolution)
+
     def view(i: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = data[i]
-        h, w = label.shape
-        short = s.resolution * rng.uniform(*s.scale_range)
-        r = short / min(h, w)
-        size = (max(1, round(h * r)), max(1, round(w * r)))
-        img = resize_image(to_tensor01(image), size)
-        lab = resize_nearest(torch.from_numpy(label), size)
-        return random_crop_flip(img, lab, (s.resolution, s.resolution), 255, rng)
+        short = max(1, int(s.resolution * rng.uniform(*s.scale_range)))
+        hw = short_side_size(*label.shape, short)
+        img = resize_image(to_tensor01(image), hw)
+        lab = resize_nearest(torch.from_numpy(label), hw)
+        img, lab = random_crop(img, lab, size, rng, s.cat_max_ratio, ADE20k.ignore_index)
+        img, lab = maybe_flip(img, lab, rng)
+        if s.photometric:
+            img = photometric_distortion(img, rng)
+        return pad_bottom_right(img, lab, size, mean, ADE20k.ignore_index)
 
     return view
 
@@ -154,19 +212,26 @@ def seg(
     seed_everything(s.seed)
     train, val = ADE20k(data, s.train_split), ADE20k(data, s.val_split)
     dim = patch_features(m, torch.zeros(1, 3, m.stride, m.stride)).shape[1]
-    head = LinearSegHead(dim, s.num_classes)
-    sched = ProbeSchedule(
-        s.iterations,
-        s.batch_size,
-        s.lr,
-        s.weight_decay,
-        s.warmup_iters,
-        s.cache_views,
-        s.seed,
-        s.num_workers,
-        s.cache_refresh,
+    head = LinearSegHead(dim, s.num_classes, s.dropout)
+    warmup = round(s.iterations * RELEASE_WARMUP_SHARE) if s.warmup_iters < 0 else s.warmup_iters
+    # the release: warmup from lr * 1e-6, cosine to exactly 0, and its scheduler skips one step
+    schedule = WarmupOneCycle(
+        s.lr, s.iterations, warmup, warmup_ratio=1e-6, final_div_factor=float("inf"), step_offset=1
     )
-    timing = train_probe(m, head, _train_view(train, s, m.stride), len(train), seg_loss, sched, "seg probe")
+    sched = ProbeSchedule(
+        iterations=s.iterations,
+        batch_size=s.batch_size,
+        schedule=schedule,
+        weight_decay=s.weight_decay,
+        betas=s.betas,
+        grad_clip=s.grad_clip,
+        cache_views=s.cache_views,
+        seed=s.seed,
+        num_workers=s.num_workers,
+        cache_refresh=s.cache_refresh,
+    )
+    timing = train_probe(m, head, _train_view(train, s, m.mean), len(train), seg_loss, sched, "seg probe")
+    stride = s.window_stride if s.window_stride > 0 else int(s.resolution * 2 / 3)
     n_val = len(val) if s.max_val_images <= 0 else min(len(val), s.max_val_images)
     inter = np.zeros(s.num_classes, np.int64)
     union = np.zeros(s.num_classes, np.int64)
@@ -174,8 +239,8 @@ def seg(
     for i in tqdm(range(n_val), desc="seg eval", unit="img", leave=False):
         image, label = val[i]
         h, w = label.shape
-        img = resize_image(to_tensor01(image), short_side_size(h, w, s.resolution, m.stride))
-        logits = sliding_logits(m, head, img, s.resolution, s.num_classes)
+        img = resize_image(to_tensor01(image), short_side_size(h, w, s.resolution))
+        logits = sliding_logits(m, head, img, s.resolution, stride, s.num_classes)
         logits = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         pred = logits.argmax(0).cpu()
         a, b = intersect_union(pred, label, s.num_classes)

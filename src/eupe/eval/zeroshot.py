@@ -1,10 +1,28 @@
 """Zero-shot classification through a teacher's text tower (IN1k-ZS, paper section 8.1).
 
 The classifier weights are the text tower's normalized, template-averaged embeddings of the class
-names. The student's cls token goes through its trained adapter head for that teacher (from
-`final/heads.safetensors`), is mapped back from the teacher-normalized space with the stored
-TeacherNorm statistics when present, L2-normalized, and scored by softmax over dot products.
+names (default templates: the 80 OpenAI ImageNet prompts, see `templates.py`). The student's cls
+token goes through its trained adapter head for that teacher (from `final/heads.safetensors`), is
+mapped back from the teacher-normalized space with the stored TeacherNorm statistics when
+present, into the text space (below), L2-normalized, and scored by softmax over dot products.
 A model without such a head gets value None and status "not supported: ...".
+
+Which PE-core output is "the teacher's space". The paper (8.1): "we use the teacher's text tower
+to build the classifier weights and project the class token into the teacher's space using the
+adapter head", then takes dot products with the classifier weights. Dot products with text
+embeddings need the image side in the text space, so the class token the paper distils from
+PEcore is the image embedding PE-core itself outputs: Meta's PE `VisionTransformer.forward`
+(facebookresearch/perception_models, core/vision_encoder/pe.py) attention-pools and then applies
+`x @ self.proj` (1536 -> 1280 for PE-core-G). In timm and open_clip that projection is the trunk's
+`head` (open_clip builds PE-core's image tower as a timm trunk whose classifier is the projection;
+there is no `visual.proj`). So the paper implies distilling the projected output: teacher
+`summary: proj` (1280-d), whose head lands in the text space directly; our `pe_core_g` preset does
+that. A head distilled before the projection (`summary: head`, 1536-d, e.g. a run made before the
+preset changed) still works: this module then applies the text tower's own visual projection (`visual.proj` for open_clip ViTs, else the
+timm trunk's `head` followed by open_clip's `visual.head`) after TeacherNorm is undone, which
+gives exactly PE-core's image embedding for the teacher's own features (`visual_projection=auto`
+does this when the widths differ; `yes` forces it, e.g. for PE-core-L where both widths are 1024;
+`no` never projects).
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ from .common import EvalResult, not_supported, resolve_settings, settings_dict
 from .datasets import ClassFolder
 from .knn import classification_transform, extract_cls
 from .models import EvalModel, load_model
+from .templates import resolve_templates
 
 
 @dataclass
@@ -33,7 +52,10 @@ class ZeroShotSettings:
     chain_dirs: list[str] = field(default_factory=list)  # heads folders for the hops after the first
     text_model: str = ""  # open_clip model name (e.g. PE-Core-bigG-14-448) or a model-config .json file
     text_weights: str = ""  # local open_clip checkpoint for text_model ("" = random, tests only)
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # openai_imagenet (the 80 CLIP ImageNet prompts) | simple ("a photo of a {}.") | a text file
+    # with one template per line | (Python API) a list of templates
+    templates: Any = "openai_imagenet"
+    visual_projection: str = "auto"  # auto | yes | no: the text tower's image projection after the head
     classnames: str = ""  # file: one name per line (sorted-folder order) or JSON {folder: name}
     logit_scale: float = 100.0
     resolution: int = 224
@@ -42,6 +64,12 @@ class ZeroShotSettings:
     num_workers: int = 4
     val_split: str = "val"
     device: str = "auto"
+
+    def check(self) -> None:
+        if self.visual_projection not in ("auto", "yes", "no"):
+            raise ConfigError(f"visual_projection={self.visual_projection!r}: choose from auto, yes, no")
+        if not isinstance(self.templates, (str, list, tuple)):
+            raise ConfigError("templates must be openai_imagenet, simple, a file path or a list of templates")
 
 
 def read_classnames(folders: list[str], path: str) -> list[str]:
@@ -122,7 +150,8 @@ def _one_hop(heads_dir: Path, teacher: str, device: torch.device):
     def project(x: torch.Tensor) -> torch.Tensor:
         y = head(x)
         if norm is not None:  # back from the normalized targets to the teacher's own space
-            y = y * norm._buf(teacher, "cls_std") + norm._buf(teacher, "cls_mean")
+            mean, std = norm.stats(teacher, "cls")
+            y = y * std + mean
         return y
 
     return project
@@ -160,19 +189,74 @@ def _projector(m: EvalModel, teacher: str, chain_dirs: list[str]):
     return project
 
 
-def _to_text_space(emb: torch.Tensor, text_model: Any, text_dim: int) -> tuple[torch.Tensor, bool]:
-    """Apply the CLIP model's own visual projection when the head targets pre-projection features.
+def visual_projection(text_model: Any, width: int) -> Any:
+    """The CLIP model's map from its pooled image features (`width` wide) to the text space, or None.
 
-    A teacher whose cls target is its pooled output before the projection (timm `pre_logits`)
-    gives heads of the pooled width; the open_clip model's `visual.proj` [width, text_dim] then
-    maps them into the text space.
+    open_clip ViTs keep it as `visual.proj` [width, embed]. open_clip towers built on a timm trunk
+    (PE-core, SigLIP, ...) have none: there the trunk's classifier (`trunk.head`, the projection,
+    e.g. PE-core-G's 1536 -> 1280) is applied after timm's `pre_logits`, then open_clip's own
+    `visual.head` (empty for PE-core; a linear/MLP projection for towers that add one).
     """
-    if emb.shape[-1] == text_dim:
+    visual = getattr(text_model, "visual", None)
+    proj = getattr(visual, "proj", None)
+    if isinstance(proj, torch.Tensor):
+        return (lambda x: x @ proj.to(x.device, x.dtype)) if proj.shape[0] == width else None
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None:
+        return None
+    classifier = trunk.get_classifier() if hasattr(trunk, "get_classifier") else getattr(trunk, "head", None)
+    after = getattr(visual, "head", None)
+    steps = [m for m in (classifier, after) if isinstance(m, torch.nn.Module)]
+    if not steps:
+        return None
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    device, dtype = _device_dtype(text_model, torch.zeros(()))
+    try:  # the right input width? (a Linear of another width raises)
+        with torch.no_grad():
+            project(torch.zeros(1, width, device=device, dtype=dtype))
+    except (RuntimeError, ValueError):
+        return None
+    return project
+
+
+def _device_dtype(model: Any, like: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    try:
+        p = next(model.parameters())
+        return p.device, p.dtype
+    except (AttributeError, StopIteration):
+        return like.device, like.dtype
+
+
+def _to_text_space(
+    emb: torch.Tensor, text_model: Any, text_dim: int, mode: str = "auto"
+) -> tuple[torch.Tensor, bool]:
+    """Apply the CLIP model's own visual projection to heads that target pre-projection features.
+
+    mode "auto": only when the head's width differs from the text width (PE-core-G with the
+    `pe_core_g` preset: 1536 vs 1280); "yes": always (PE-core-L: 1024 and 1024); "no": never.
+    """
+    if mode == "no" or (mode == "auto" and emb.shape[-1] == text_dim):
         return emb, False
-    proj = getattr(getattr(text_model, "visual", None), "proj", None)
-    if isinstance(proj, torch.Tensor) and tuple(proj.shape) == (emb.shape[-1], text_dim):
-        return emb @ proj.to(emb.device, emb.dtype), True
-    return emb, False
+    project = visual_projection(text_model, emb.shape[-1])
+    out = None
+    if project is not None:
+        device, dtype = _device_dtype(text_model, emb)
+        with torch.no_grad():
+            out = project(emb.to(device, dtype)).to(emb.device, emb.dtype)
+    if out is None or out.shape[-1] != text_dim:
+        if mode == "yes":
+            raise ConfigError(
+                f"visual_projection=yes, but the text tower has no image projection from "
+                f"{emb.shape[-1]}-d features to its {text_dim}-d text space (no visual.proj, no timm "
+                "trunk head of that width)"
+            )
+        return emb, False
+    return out, True
 
 
 def zeroshot(
@@ -195,16 +279,18 @@ def zeroshot(
             raise ConfigError("zero-shot needs a text tower: text_model=NAME text_weights=FILE (open_clip)")
         val = ClassFolder(root)
         text, tokenizer = open_clip_text_tower(s.text_model, s.text_weights, m.device)
-        classifier = text_classifier(text, tokenizer, read_classnames(val.classes, s.classnames), s.templates)
+        templates = resolve_templates(s.templates)
+        classifier = text_classifier(text, tokenizer, read_classnames(val.classes, s.classnames), templates)
         tf = classification_transform(m, s.resolution, s.resize)
         feats, labels = extract_cls(m, val, tf, s.batch_size, s.num_workers, "zero-shot image features")
         with torch.no_grad():
             emb = project(feats)
-        emb, used_proj = _to_text_space(emb, text, classifier.shape[-1])
+        emb, used_proj = _to_text_space(emb, text, classifier.shape[-1], s.visual_projection)
         if emb.shape[-1] != classifier.shape[-1]:
             raise ConfigError(
                 f"the projected cls has {emb.shape[-1]} dims but text tower '{s.text_model}' embeds "
-                f"{classifier.shape[-1]}; pick the teacher whose text tower this is"
+                f"{classifier.shape[-1]} and has no image projection from {emb.shape[-1]}; "
+                "pick the teacher whose text tower this is"
             )
         probs = zero_shot_logits(emb, classifier, s.logit_scale).softmax(-1)
         top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
@@ -220,6 +306,7 @@ def zeroshot(
                 "top5": float((top5 == labels[:, None]).any(1).float().mean()),
                 "num_val": len(val),
                 "num_classes": len(val.classes),
+                "num_templates": len(templates),
                 "visual_projection": used_proj,
                 "model_info": m.describe(),
             },

@@ -47,26 +47,85 @@ def _hub_file(repo_id: str, filename: str, **hub_kwargs: Any) -> str:
         ) from None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read tensors from `.safetensors`, or from `.pth`/`.pt`/`.bin` with `weights_only=True`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header."""
+    return len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """A few words on why `path` is not a checkpoint, from its first bytes and the loader's error."""
     try:
-        if path.suffix == ".safetensors":
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        return f"cannot read it ({e.strerror or type(e).__name__})"
+    if not head:
+        return "empty file"
+    detail = str(error).strip()
+    for cut in range(4):  # the 4096-byte read may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if all(ch.isprintable() or ch.isspace() for ch in text):
+            return "a text file, not a checkpoint"
+        break
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            return "a PyTorch file named .safetensors (rename it to .pth)"
+        if "incomplete metadata" in detail or "not fully covered" in detail:
+            return "truncated safetensors file"
+        short = detail.splitlines()[0].split(": ")[-1][:80] if detail else type(error).__name__
+        return f"corrupt safetensors file ({short})"
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
+    if refused:  # weights_only loading refuses arbitrary objects: say which one
+        return f"holds a pickled {refused.group(1)}, not only tensors (refused by weights_only loading)"
+    if head[:4] == b"PK\x03\x04":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "truncated or corrupt PyTorch zip archive"
+        if not any(n.endswith("data.pkl") for n in names):
+            return "a zip archive, but not a PyTorch checkpoint"
+        return f"corrupt PyTorch zip archive ({type(error).__name__})"
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format, or a plain pickle.dump
+        if "Weights only load failed" in detail:
+            return "a pickle that weights_only loading refuses (not a torch.save state_dict)"
+        return "truncated or corrupt pickle"
+    return "not a PyTorch or safetensors file"
+
+
+def read_state_dict(path: str | os.PathLike, expected: str = "") -> dict[str, torch.Tensor]:
+    """Read tensors from `.safetensors`, or from `.pth`/`.pt`/`.bin` with `weights_only=True`.
+
+    `expected` names the model being loaded (e.g. "eupe_vitb16 (timm vit_base_patch16_dinov3)");
+    every error is one line naming the file, that model and the reason in a few words.
+    """
+    path = Path(path)
+    target = f" for {expected}" if expected else ""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (weights{target})")
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+        if path.suffix == ".safetensors" or _looks_like_safetensors(head):
             return load_safetensors(str(path))
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt or foreign files raise many different types
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(e).__name__}: {detail[:200]})"
+            f"{path}: not a readable checkpoint{target}: {_why_unreadable(path, e)}"
         ) from None
     # Official and training checkpoints sometimes nest the weights.
     for key in ("model_ema", "model", "state_dict", "module", "teacher"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state_dict (expected a mapping of names to tensors)")
+        raise CheckpointError(
+            f"{path}: not a state_dict{target} (holds a {type(obj).__name__}, expected names -> tensors)"
+        )
     return obj
 
 
@@ -102,16 +161,22 @@ def _describe(keys: list[str], limit: int = 3) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
+def expected_model(model: Encoder) -> str:
+    """How error messages name the model a checkpoint is loaded into."""
+    return f"{model.arch} (timm {model.spec.timm_name})"
+
+
 def load_state_dict_strict(model: Encoder, state: dict[str, torch.Tensor], source: str) -> None:
     """Load with every key and shape checked first; raise one CheckpointError line on mismatch."""
-    expected_model = f"{model.arch} (timm {model.spec.timm_name})"
+    expected = expected_model(model)
     try:
         state = _to_backbone_layout(state, model, source)
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(
-            f"{source}: does not fit {expected_model}: key remapping failed at {type(e).__name__}: {e}"
+            f"{source}: does not fit {expected}: key remapping failed at {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}"
         ) from None
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -129,7 +194,7 @@ def load_state_dict_strict(model: Encoder, state: dict[str, torch.Tensor], sourc
             parts.append(f"{len(missing)} missing keys [{_describe(missing)}]")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys [{_describe(unexpected)}]")
-        raise CheckpointError(f"{source}: does not fit {expected_model}: " + "; ".join(parts))
+        raise CheckpointError(f"{source}: does not fit {expected}: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 
@@ -161,7 +226,7 @@ def load_pretrained_dir(source: str, **hub_kwargs: Any) -> Encoder:
         if os.path.isdir(source)
         else _hub_file(source, WEIGHTS_NAME, **hub_kwargs)
     )
-    load_state_dict_strict(model, read_state_dict(weights), str(weights))
+    load_state_dict_strict(model, read_state_dict(weights, expected_model(model)), str(weights))
     return model
 
 
@@ -171,9 +236,11 @@ def load_weights(model: Encoder, source: str | os.PathLike) -> Encoder:
     if os.path.isdir(source) or _is_hub_id(source):
         weights = Path(source) / WEIGHTS_NAME if os.path.isdir(source) else _hub_file(source, WEIGHTS_NAME)
         if os.path.isdir(source) and not weights.is_file():
-            raise CheckpointError(f"{source}: folder has no {WEIGHTS_NAME}")
+            raise CheckpointError(
+                f"{source}: folder has no {WEIGHTS_NAME} (weights for {expected_model(model)})"
+            )
         source = str(weights)
-    load_state_dict_strict(model, read_state_dict(source), source)
+    load_state_dict_strict(model, read_state_dict(source, expected_model(model)), source)
     return model
 
 

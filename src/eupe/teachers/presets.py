@@ -20,8 +20,9 @@ from .spec import TeacherSpec
 
 # Only fields that differ from TeacherSpec defaults are listed.
 PRESETS: dict[str, dict[str, Any]] = {
-    # PE-core has no class token: its summary is the attention-pooled head output.
-    "pe_core_g": {"model": "vit_pe_core_gigantic_patch14_448", "resolution": 448, "summary": "head"},
+    # PE-core has no class token: its summary is its image embedding, the attention-pooled output
+    # projected into the text space (1280-d), as paper 8.1's zero-shot needs (docs/fidelity.md).
+    "pe_core_g": {"model": "vit_pe_core_gigantic_patch14_448", "resolution": 448, "summary": "proj"},
     # PE-lang keeps no pooling head in timm; its summary is the model's own (average) pooled output.
     "pe_lang_g": {"model": "vit_pe_lang_gigantic_patch14_448", "resolution": 448, "summary": "head"},
     "dinov3_hplus": {"model": "vit_huge_plus_patch16_dinov3", "resolution": 256, "summary": "cls"},

@@ -78,7 +78,8 @@ def _no_weights(name: str, error: Exception) -> None:
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a local weights file strictly, through the model module's timm checkpoint filter."""
-    state = read_state_dict(path)
+    arch = str(getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__)
+    state = read_state_dict(path, f"timm model {arch}")
     module = sys.modules.get(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
