@@ -274,3 +274,63 @@ def test_device_from_local_rank_is_current_before_any_cuda_work(monkeypatch, tmp
     with pytest.raises(Stop):
         trainer.Distiller(load_config(STAGE1, [f"output_dir={tmp_path}", "train.device=auto"]))
     assert calls == [("set_device", torch.device("cuda", 2)), ("init_distributed", torch.device("cuda", 2))]
+
+
+HOST_READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records tensor -> Python reads (each one a device sync on a GPU), except inside the trainer's
+    one allowed read (`read_step`'s `host_values`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.allowed = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS and not self.allowed:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_host_read_per_optimizer_step(tmp_path, monkeypatch):
+    """What would synchronize a GPU, counted on the CPU: a quiet step and a logging step each read
+    the device once, in `read_step` (benchmarks/gpu_check.py checks the same with CUDA's sync debug
+    mode on a GPU)."""
+    from eupe.distill import parallel
+    from eupe.distill.trainer import Distiller
+
+    args = [f"output_dir={tmp_path}", *SMALL, *DRAWS, "train.log_every=2", "train.accum_steps=2"]
+    d = Distiller(load_config(STAGE1, args))
+    d._measure_norm_if_needed()
+    mode, calls = HostReads(), []
+    real = parallel.host_values
+
+    def allowed(t):
+        calls.append(1)
+        mode.allowed += 1
+        try:
+            return real(t)
+        finally:
+            mode.allowed -= 1
+
+    def excluded(method):  # host-side by design: the data path (CPU workers on a GPU node) and
+        def run(*a):  # AdamW's CPU loop reading its CPU step counters (CUDA uses the fused kernel)
+            mode.allowed += 1
+            try:
+                return method(*a)
+            finally:
+                mode.allowed -= 1
+
+        return run
+
+    monkeypatch.setattr(parallel, "host_values", allowed)
+    d._next_batch = excluded(d._next_batch)
+    d.optimizer_step = excluded(d.optimizer_step)
+    d._window = (0, time.perf_counter())
+    with mode:
+        for _ in range(2):  # step 1 quiet, step 2 logs
+            d.train_step()
+    assert mode.reads == [] and len(calls) == 2
