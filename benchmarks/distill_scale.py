@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from eupe.distill import trainer as T
 from eupe.distill.config import load_config
+from eupe.distill.targets import ViewBatch
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = int(os.environ.get("EUPE_BENCH_BATCH", "16"))  # images per step
@@ -116,7 +117,9 @@ def ours(tmp: Path, views: list[torch.Tensor], steps: int) -> list[float]:
     cfg = _config(tmp / f"ours{time.monotonic_ns()}", [f"train.max_steps={steps}"])
     d = T.Distiller(cfg)
     it = iter(views * 100)
-    d._next_batch = lambda: next(it)  # the same pre-made views as the bare loop
+    d._next_batch = lambda: ViewBatch(
+        next(it), torch.arange(BATCH)
+    )  # the same pre-made views as the bare loop
     with StepClock() as clock:
         d.train()
     return clock.step_times()
@@ -125,7 +128,7 @@ def ours(tmp: Path, views: list[torch.Tensor], steps: int) -> list[float]:
 def bare(views: list[torch.Tensor], steps: int) -> list[float]:
     """The minimal loop: teacher forward, student forward/backward, the paper loss, AdamW."""
     import eupe
-    from eupe.distill.heads import TeacherHeads
+    from eupe.models.heads import TeacherHeads
     from eupe.teachers import TeacherSpec, build_teacher_from_spec
 
     teacher = build_teacher_from_spec(
@@ -188,17 +191,17 @@ def _timed_run(tmp: Path, extra: list[str], steps: int) -> tuple[float, float, f
     (first two steps skipped) and the median teacher forward time per step."""
     cfg = _config(tmp / f"run{time.monotonic_ns()}", [f"train.max_steps={steps}", *extra], BIG_TEACHER)
     d = T.Distiller(cfg)
-    d._measure_norm_if_needed()
+    d.prepare()
     teacher_times: list[float] = []
-    teacher_targets = d.teacher_targets
+    teacher_targets = d.source.targets
 
-    def timed(views, res):
+    def timed(batch, res):
         t0 = time.perf_counter()
-        y = teacher_targets(views, res)
+        y = teacher_targets(batch, res)
         teacher_times.append(time.perf_counter() - t0)
         return y
 
-    d.teacher_targets = timed
+    d.source.targets = timed
     start = time.perf_counter()
     with StepClock() as clock:
         d.train()
@@ -215,16 +218,16 @@ def _student_cost(tmp: Path, name: str, steps: int) -> float:
         BIG_TEACHER,
     )
     d = T.Distiller(cfg)
-    d._measure_norm_if_needed()
+    d.prepare()
     fixed = {}
-    orig = d.teacher_targets
+    orig = d.source.targets
 
-    def once(views, res):
+    def once(batch, res):
         if not fixed:
-            fixed.update(orig(views, res))
+            fixed.update(orig(batch, res))
         return fixed
 
-    d.teacher_targets = once
+    d.source.targets = once
     with StepClock() as clock:
         d.train()
     return statistics.median(clock.step_times())

@@ -35,6 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from eupe.distill.config import load_config
+from eupe.distill.targets import ViewBatch
 from eupe.distill.trainer import Distiller
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; MFU is left out for GPUs not listed here.
@@ -96,7 +97,7 @@ def fixed_views(d: Distiller) -> None:
     """Serve one batch of views made on the device, so only the training step is measured."""
     g = torch.Generator().manual_seed(d.rank)
     views = torch.rand(d.micro, 3, d.view_size(), d.view_size(), generator=g).to(d.device)
-    d._next_batch = lambda: views
+    d._next_batch = lambda: ViewBatch(views, torch.arange(d.micro))
 
 
 def sync(device: torch.device) -> None:
@@ -125,7 +126,7 @@ def measure(args: argparse.Namespace, compiled: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         d = Distiller(load_config(None, overrides(args, Path(tmp) / "run", compiled, steps)))
         fixed_views(d)
-        d._measure_norm_if_needed()
+        d.prepare()
         d._window = (0, time.perf_counter())
         for _ in range(args.warmup):  # includes compilation
             d.train_step()
@@ -178,7 +179,7 @@ def worker(args: argparse.Namespace) -> None:
 def parallel(args: argparse.Namespace, procs: int) -> list[dict]:
     """20 DDP and 20 FSDP2 steps (checkpoint and final included) on `procs` processes."""
     results = []
-    for mode in ("ddp", "fsdp"):
+    for mode in args.parallel:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / mode
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
@@ -206,6 +207,12 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 5; tiny 1)")
     p.add_argument("--procs", type=int, default=-1, help="processes for DDP/FSDP2 (default: #GPUs if >= 2)")
     p.add_argument("--parallel-steps", type=int, default=0, help="DDP/FSDP2 steps (default 20; tiny 4)")
+    p.add_argument(
+        "--parallel",
+        default="ddp,fsdp",
+        type=lambda v: v.split(","),
+        help="multi-process modes (default ddp,fsdp)",
+    )
     p.add_argument("--worker", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()

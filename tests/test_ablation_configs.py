@@ -45,6 +45,8 @@ def paper(name: str) -> DistillConfig:
 def as_dict(c: DistillConfig, drop: tuple[str, ...] = ()) -> dict:
     """The resolved config as plain data, without the dotted keys in `drop`."""
     d = OmegaConf.to_container(OmegaConf.structured(c))
+    # a plain config's `student` is also its `students.student` (load_config): drop both forms
+    drop = (*drop, *(f"students.{k}" for k in drop if k.startswith("student.")))
     for key in drop:
         *parents, leaf = key.split(".")
         node = d

@@ -304,7 +304,7 @@ def test_one_host_read_per_optimizer_step(tmp_path, monkeypatch):
 
     args = [f"output_dir={tmp_path}", *SMALL, *DRAWS, "train.log_every=2", "train.accum_steps=2"]
     d = Distiller(load_config(STAGE1, args))
-    d._measure_norm_if_needed()
+    d.prepare()
     mode, calls = HostReads(), []
     real = parallel.host_values
 

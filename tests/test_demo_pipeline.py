@@ -126,8 +126,8 @@ def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
 
 def test_heldout_cosine_scores_the_heads_against_normalized_targets():
     from eupe.demo.train import heldout_cosine
-    from eupe.distill.heads import TeacherHeads
     from eupe.models.encoder import EncoderOutput
+    from eupe.models.heads import TeacherHeads
 
     torch.manual_seed(0)
     student = create_model("eupe_vitt16").eval()

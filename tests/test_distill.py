@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from eupe.distill.checkpoint import join_state, split_state, truncate_metrics, write_atomic_dir
 from eupe.distill.config import load_config
-from eupe.distill.heads import TeacherHeads
 from eupe.distill.loss import LossWeights, cosine_loss, match_grids, teacher_loss, total_loss
-from eupe.distill.norm import TeacherNorm
 from eupe.distill.optim import CosineSchedule, param_groups
 from eupe.distill.stages import ScaleSampler, student_dim, student_overrides
 from eupe.errors import ConfigError
 from eupe.models import STUDENTS, EncoderOutput, count_params, create_model
+from eupe.models.heads import TeacherHeads
+from eupe.models.teacher_norm import TeacherNorm
 from eupe.teachers import TeacherSpec, build_teacher_from_spec
 
 TINY = "configs/tiny/stage1.yaml"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from eupe.distill.norm import TeacherNorm
 from eupe.models.encoder import EncoderOutput
+from eupe.models.teacher_norm import TeacherNorm
 
 
 def _measured(dead_channel: bool) -> tuple[TeacherNorm, EncoderOutput]:

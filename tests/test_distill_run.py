@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import eupe
 from eupe.cli import main
-from eupe.distill import TeacherHeads, TeacherNorm
 from eupe.distill.checkpoint import list_checkpoints
+from eupe.models import TeacherHeads, TeacherNorm
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false"]

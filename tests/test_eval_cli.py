@@ -111,7 +111,7 @@ def test_pca_cli_folder_and_official_pth(world, tmp_path, capsys, official_pth):
 
 def test_zeroshot_cli_supported_and_not(world, tmp_path, capsys):
     open_clip = pytest.importorskip("open_clip")
-    from eupe.distill.heads import TeacherHeads
+    from eupe.models.heads import TeacherHeads
 
     cfg = {
         "embed_dim": 16,

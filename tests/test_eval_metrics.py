@@ -219,14 +219,14 @@ def test_results_json_round_trip(tmp_path):
 def test_zero_shot_applies_the_clip_visual_projection_only_when_widths_differ():
     from types import SimpleNamespace
 
-    from eupe.eval.zeroshot import _to_text_space, zero_shot_logits
+    from eupe.eval.zeroshot import to_text_space, zero_shot_logits
 
     proj = torch.randn(6, 4)
     clip = SimpleNamespace(visual=SimpleNamespace(proj=proj))
     emb = torch.randn(3, 6)
-    out, used = _to_text_space(emb, clip, 4)
+    out, used = to_text_space(emb, clip, 4)
     assert used and torch.allclose(out, emb @ proj)
-    same, used = _to_text_space(out, clip, 4)
+    same, used = to_text_space(out, clip, 4)
     assert not used and same is out
     # softmax over scaled cosine similarities: the closest class wins
     classifier = torch.nn.functional.normalize(torch.eye(4)[:3], dim=-1)

@@ -117,9 +117,9 @@ def _tiny_text_tower(tmp_path):
 
 
 def test_zeroshot_through_a_fitted_adapter_head_and_teacher_norm(tmp_path):
-    from eupe.distill.heads import TeacherHeads
-    from eupe.distill.norm import TeacherNorm
     from eupe.eval.zeroshot import open_clip_text_tower, text_classifier
+    from eupe.models.heads import TeacherHeads
+    from eupe.models.teacher_norm import TeacherNorm
 
     name, weights = _tiny_text_tower(tmp_path)
     make_class_folders(tmp_path / "data", classes=6, per_class=3)

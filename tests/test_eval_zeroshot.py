@@ -66,7 +66,7 @@ def test_projecting_the_pooled_teacher_output_gives_pe_cores_image_embedding(pe_
     """A PE-core teacher distilled before its projection (summary=head): the text tower's
     projection applied at evaluation must give exactly PE-core's image embedding, which is what
     summary=proj (the `pe_core_g` preset) distils."""
-    from eupe.eval.zeroshot import _to_text_space
+    from eupe.eval.zeroshot import to_text_space
     from eupe.teachers.timm_teacher import TimmTeacher
 
     _, _, clip = pe_core
@@ -82,24 +82,24 @@ def test_projecting_the_pooled_teacher_output_gives_pe_cores_image_embedding(pe_
         reference = clip.encode_image(x)
         pooled = pooled_teacher.encode(x).cls
         projected = proj_teacher.encode(x).cls
-    out, used = _to_text_space(pooled, clip, EMBED)
+    out, used = to_text_space(pooled, clip, EMBED)
     assert used and out.shape == (2, EMBED)
     assert torch.allclose(out, reference, atol=1e-5) and torch.allclose(projected, reference, atol=1e-5)
-    same, used = _to_text_space(projected, clip, EMBED)  # already in the text space
+    same, used = to_text_space(projected, clip, EMBED)  # already in the text space
     assert not used and same is projected
-    same, used = _to_text_space(pooled, clip, EMBED, mode="no")
+    same, used = to_text_space(pooled, clip, EMBED, mode="no")
     assert not used and same is pooled
-    forced, used = _to_text_space(pooled, clip, EMBED, mode="yes")
+    forced, used = to_text_space(pooled, clip, EMBED, mode="yes")
     assert used and torch.allclose(forced, reference, atol=1e-5)
     with pytest.raises(ConfigError, match="visual_projection=yes"):  # PE-core has no 16 -> 16 map
-        _to_text_space(projected, clip, EMBED, mode="yes")
+        to_text_space(projected, clip, EMBED, mode="yes")
 
 
 def test_zeroshot_end_to_end_with_a_pe_core_text_tower(pe_core, tmp_path):
-    from eupe.distill.heads import TeacherHeads
-    from eupe.distill.norm import TeacherNorm
     from eupe.eval.knn import classification_transform, extract_cls
     from eupe.eval.zeroshot import open_clip_text_tower, text_classifier
+    from eupe.models.heads import TeacherHeads
+    from eupe.models.teacher_norm import TeacherNorm
 
     cfg_path, weights, _ = pe_core
     make_class_folders(tmp_path / "data", classes=6, per_class=3)

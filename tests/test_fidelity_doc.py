@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from eupe.distill.config import DistillConfig
-from eupe.eval.report import SETTINGS
+from eupe.eval import TASKS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 KEY = re.compile(r"`([a-z_][a-z0-9_]*(?:\.(?:[a-z0-9_]+|<[a-z_]+>))+)(?:\s*[:=][^`]*)?`")
@@ -26,9 +26,7 @@ DISTILL_SECTIONS = {f.name for f in dataclasses.fields(DistillConfig)}
 def doc_keys() -> list[str]:
     keys = {m.group(1) for m in KEY.finditer(DOC.read_text())}
     return sorted(
-        k
-        for k in keys
-        if k.split(".")[0] in DISTILL_SECTIONS | set(SETTINGS) and not k.endswith(FILE_SUFFIXES)
+        k for k in keys if k.split(".")[0] in DISTILL_SECTIONS | set(TASKS) and not k.endswith(FILE_SUFFIXES)
     )
 
 
@@ -76,8 +74,8 @@ def test_the_doc_names_keys():
 @pytest.mark.parametrize("key", doc_keys())
 def test_every_key_in_the_doc_exists(key):
     section, *rest = key.split(".")
-    if section in SETTINGS:
-        names = {f.name for f in dataclasses.fields(SETTINGS[section])}
+    if section in TASKS:
+        names = TASKS[section].setting_names()
         assert len(rest) == 1 and rest[0] in names, f"{key}: `eupe eval {section}` has no setting {rest}"
     else:
         assert resolves(DistillConfig, [section, *rest]), f"{key}: not a key of DistillConfig"

@@ -12,7 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import eupe.distill.plan.measure as plan_measure
 from eupe.cli import main
-from eupe.distill.heads import TeacherHeads
 from eupe.distill.plan import (
     GPUS,
     NetSpec,
@@ -26,6 +25,7 @@ from eupe.distill.plan import (
 )
 from eupe.distill.plan.report import format_plan
 from eupe.errors import ConfigError
+from eupe.models.heads import TeacherHeads
 
 # A 1-block timm ViT teacher (D=32, MLP 128, patch 16, 1 cls token) and a 1-block ViT-T student
 # (D=192, MLP 768, patch 16, cls + 4 registers), both at 32 px: 2x2 patches.

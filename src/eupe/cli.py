@@ -1,4 +1,5 @@
-"""The `eupe` command. Thin: parse arguments, call the library, print, exit.
+"""The `eupe` command. Thin: parse and check arguments, call the library's entry points (keyword
+arguments, no argparse namespaces), print, exit.
 
 Each subcommand is a `_cmd_<name>(sub)` function that adds its parser and sets `run`.
 Errors derived from `EupeError` print as one line and exit with their `exit_code` (2: bad input or
@@ -12,8 +13,9 @@ import json
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from .errors import EupeError
+from .errors import ConfigError, EupeError
 
 
 def _parser(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
@@ -100,43 +102,36 @@ def _cmd_distill(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    from .distill import distill_from_cli
+    from .distill.config import load_config
+    from .distill.trainer import distill, resume
 
-    final = distill_from_cli(args.config, args.overrides, args.resume)
+    if args.resume:
+        if args.config or args.overrides:
+            extra = " ".join([*([args.config] if args.config else []), *args.overrides])
+            raise ConfigError(
+                f"--resume reuses the run's own config.yaml and takes no config or overrides (got: {extra})"
+            )
+        final = resume(args.resume)
+    else:
+        if not args.config:
+            raise ConfigError("give a CONFIG file (e.g. configs/tiny/stage1.yaml) or --resume OUTPUT_DIR")
+        if "=" in args.config and not Path(args.config).exists():
+            raise ConfigError(f"the first argument is the config file; got the override {args.config!r}")
+        final = distill(load_config(args.config, args.overrides))
     print(f"final student: {final}")
     return 0
 
 
 # --- eupe eval ---------------------------------------------------------------------------------
-_EVAL_HELP = {
-    "knn": (
-        "k-NN top-1 on the cls token (IN1k-KNN); DATA has train/<class>/ and val/<class>/",
-        "k=[10,20] batch_size=128",
-    ),
-    "zeroshot": (
-        "zero-shot top-1 through a teacher's text tower and the student's adapter head (IN1k-ZS)",
-        "teacher=pe_core text_model=PE-Core-B-16 text_weights=pe_core_b16.bin classnames=names.txt",
-    ),
-    "seg": (
-        "linear segmentation probe on ADE20k (ADEChallengeData2016 layout), mIoU",
-        "iterations=2000 batch_size=8",
-    ),
-    "depth": (
-        "linear depth probe on NYUv2 (BTS lists nyu_train.txt/nyu_test.txt), RMSE in metres",
-        "iterations=2000",
-    ),
-    "spair": ("training-free keypoint correspondence on SPair-71k, PCK@0.1", "pairs_per_category=20"),
-    "pca": ("PCA pictures of patch tokens: a grid of images x models (pca.png)", "joint=true max_images=4"),
-}
-
-
 def _cmd_eval(sub: argparse._SubParsersAction) -> None:
+    from .eval import TASKS  # every task, its help line and example come from the registry
+
     p = _parser(
         sub,
         "eval",
-        "evaluate frozen encoders: knn, zeroshot, seg, depth, spair, pca, or a whole suite",
+        f"evaluate frozen encoders: {', '.join(TASKS)}, or a whole suite",
         """
-        eupe eval knn --model runs/s3/final --data /data/imagenet --output-dir out/knn
+        eupe eval knn --model runs/s3/final --data /data/imagenet --output-dir out/knn protocol=paper
         eupe eval seg --model eupe_vitb16 --weights eupe_vitb16.pth --data /data/ADEChallengeData2016
         eupe eval pca --model eupe_vitt16,runs/s3/final --data photos/ --output-dir out/pca
         eupe eval suite configs/eval/paper_vitb16.yaml paths.imagenet=/data/in1k output_dir=out/suite
@@ -144,16 +139,20 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
     """,
     )
     tasks = p.add_subparsers(dest="eval_task", metavar="TASK")
-    for task, (help_text, example) in _EVAL_HELP.items():
+    multi = [name for name, spec in TASKS.items() if spec.multi_model]
+    for task, spec in TASKS.items():
         t = _parser(
             tasks,
             task,
-            help_text,
-            f"eupe eval {task} --model eupe_vitt16 --weights W.pth --data ROOT --output-dir out/{task} {example}\n"
-            "(settings and their defaults: docs/eval.md)",
+            spec.help,
+            f"eupe eval {task} --model eupe_vitt16 --weights W.pth --data ROOT --output-dir out/{task} "
+            f"{spec.example}\n(settings and their defaults: docs/eval.md)",
         )
         t.add_argument(
-            "--model", required=True, help="final/ folder, zoo name, or timm name (pca: comma-separated)"
+            "--model",
+            required=True,
+            help="final/ folder, zoo name, or timm name"
+            + (f" ({', '.join(multi)}: comma-separated)" if multi else ""),
         )
         t.add_argument("--data", required=True, help="dataset root in the benchmark's real layout")
         t.add_argument("--weights", help="weights for a zoo/timm name (official .pth works)")
@@ -175,10 +174,19 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .eval.report import format_result, run_task
+    from .eval import get_task, run_task
+    from .eval.common import parse_overrides
+    from .eval.report import format_result, safe_name
 
-    result, out = run_task(
-        args.eval_task, args.model, args.data, args.weights, args.output_dir, args.overrides
+    task = get_task(args.eval_task)
+    settings = parse_overrides(args.overrides)
+    out = Path(args.output_dir or f"eval_{task.name}_{safe_name(Path(args.model).name)}")
+    model, weights = args.model, args.weights
+    if task.multi_model:  # several models side by side: --model a,b --weights wa,wb
+        model = args.model.split(",")
+        weights = [w or None for w in args.weights.split(",")] if args.weights else [None] * len(model)
+    result = run_task(
+        task.name, model=model, data=args.data, weights=weights, output_dir=out, settings=settings
     )
     print(format_result(result))
     print(f"results: {out / 'results.json'}")
@@ -204,7 +212,7 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
         eupe plan configs/paper/stage2_vitb16.yaml --gpus 64 --gpu h100 --json plan.json
         eupe plan configs/paper/stage1_proxy.yaml --gpus 64 --fsdp --activation-checkpointing
         eupe plan configs/paper/stage3_vitb16.yaml --gpus 32 --gpu a100 --mfu 0.35 --micro-batch 32
-        eupe plan configs/tiny/stage2.yaml --gpus 1 --arch proxy=eupe_vitt16 student.overrides.depth=1
+        eupe plan configs/tiny/stage2.yaml student.overrides.depth=1 --gpus 1 --arch proxy=eupe_vitt16
     """,
     )
     p.add_argument("config", help="distill YAML config (configs/paper/...)")
@@ -236,21 +244,35 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from .distill.plan import plan_from_cli
+    from .distill.plan import format_plan, load_plan_spec, plan
 
-    plan_from_cli(
-        args.config,
-        args.overrides,
-        args.gpus,
-        args.gpu,
-        args.mfu,
-        args.fsdp,
-        args.activation_checkpointing,
-        args.micro_batch,
-        args.dataset_size,
-        args.arch,
-        args.json,
+    arch = {}
+    for item in args.arch or []:
+        name, _, zoo = item.partition("=")
+        if not name or not zoo:
+            raise ConfigError(f"--arch {item!r} is not TEACHER=ZOO_NAME (e.g. --arch proxy=eupe_vith16plus)")
+        arch[name] = zoo
+    spec = load_plan_spec(args.config, args.overrides, arch=arch)
+
+    def progress(what: str) -> None:  # sizing a 2B model on meta takes seconds; say what is going on
+        print(f"sizing {what} on the meta device", file=sys.stderr, flush=True)
+
+    result = plan(
+        spec,
+        gpus=args.gpus,
+        gpu=args.gpu,
+        mfu=args.mfu,
+        fsdp=args.fsdp,
+        checkpointing=args.activation_checkpointing,
+        micro_batch=args.micro_batch,
+        dataset_size=args.dataset_size,
+        progress=progress,
     )
+    print(format_plan(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -296,18 +318,16 @@ def _cmd_cost(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cost(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .deploy.cost import cost_table, save_table, to_markdown
     from .models import STUDENTS
 
     table = cost_table(
         args.models or STUDENTS,
-        args.sizes,
-        [r.strip() for r in args.runtimes.split(",") if r.strip()],
-        args.runs,
-        args.warmup,
-        args.threads,
+        sizes=args.sizes,
+        runtimes=[r.strip() for r in args.runtimes.split(",") if r.strip()],
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
     )
     print(to_markdown(table))
     for path in save_table(table, Path(args.json) if args.json else None, Path(args.output_dir)):
@@ -361,13 +381,13 @@ def _run_export(args: argparse.Namespace) -> int:
     result = export_model(
         model,
         args.format,
-        args.size,
-        args.output,
-        args.dynamic,
-        args.batch,
-        args.quantize,
-        args.tolerance,
-        args.min_cosine,
+        size=args.size,
+        output=args.output,
+        dynamic=args.dynamic,
+        batch=args.batch,
+        quantize=args.quantize,
+        tolerance=args.tolerance,
+        min_cosine=args.min_cosine,
         source=args.model,
     )
     info = result.info
@@ -399,13 +419,9 @@ def _cmd_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo.pipeline import run_demo
+    from .demo.pipeline import format_table, run_demo
 
     results = run_demo(args.output_dir, quick=args.quick)
-    from pathlib import Path
-
-    from .demo.pipeline import format_table
-
     details = json.loads((Path(args.output_dir) / "details.json").read_text())
     print(format_table(details["models"]))
     print(f"total {results['timings_s']['total']:.0f} s; report: {args.output_dir}/report.md")
@@ -436,8 +452,6 @@ def _cmd_data_check(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_check(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .data.check import check_sources, save_preview
     from .distill.config import load_config
 
@@ -482,9 +496,13 @@ def _cmd_cache_teacher(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cache_teacher(args: argparse.Namespace) -> int:
-    from .distill.cache_build import cache_from_cli
+    from .distill.cache_build import build_cache, load_cache_config
+    from .distill.config import load_config
 
-    s = cache_from_cli(args.config, args.overrides)
+    # cache.* options configure the cache; every other override is the distill config's
+    cc = load_cache_config([o.removeprefix("cache.") for o in args.overrides if o.startswith("cache.")])
+    cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("cache.")])
+    s = build_cache(cfg, cc)
     print(
         f"cached {s['views']} views of {s['images']} images ({s['skipped']} unreadable): "
         f"{s['bytes_per_view'] / 1024:.1f} KiB/view, {s['views_per_s']:.1f} views/s"

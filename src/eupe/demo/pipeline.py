@@ -182,7 +182,7 @@ def expert_fit(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """students[name] = (model, training side, stage folder): how well its adapter heads predict each
     expert on training views vs held-out images (`heldout_cosine`), {student: {expert/set: sims}}."""
-    from ..distill.heads import TeacherHeads
+    from ..models.heads import TeacherHeads
 
     with torch.inference_mode():  # each expert runs once per image set, for every student
         targets = {

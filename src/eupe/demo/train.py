@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..distill.heads import TeacherHeads
 from ..distill.loss import teacher_loss, total_loss
-from ..distill.norm import TeacherNorm
 from ..distill.optim import CosineSchedule, build_optimizer
 from ..models.encoder import EncoderOutput
+from ..models.heads import TeacherHeads
+from ..models.teacher_norm import TeacherNorm
 from .bench import IMAGENET_MEAN, IMAGENET_STD, encoder_featurizer
 from .data import random_crop
 

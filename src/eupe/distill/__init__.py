@@ -1,7 +1,11 @@
-"""Adapter heads, losses, teacher normalization, stage recipes and the trainer."""
+"""Losses, stage recipes, where targets come from, and the trainer.
 
-from .heads import HEADS_FILE, AdapterHead, TeacherHeads
-from .norm import NORM_FILE, TeacherNorm
+`TeacherHeads` and `TeacherNorm` live in `eupe.models` (they are saved with a model); the names
+below stay importable from here for one release.
+"""
+
+from ..models.heads import HEADS_FILE, AdapterHead, TeacherHeads
+from ..models.teacher_norm import NORM_FILE, TeacherNorm
 
 __all__ = [
     "HEADS_FILE",
@@ -12,7 +16,6 @@ __all__ = [
     "TeacherHeads",
     "TeacherNorm",
     "distill",
-    "distill_from_cli",
     "load_config",
     "resume",
     "TrainingDiverged",
@@ -21,7 +24,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The trainer pulls in teachers and data; import it only when asked for.
-    if name in ("distill", "distill_from_cli", "resume", "Distiller", "TrainingDiverged"):
+    if name in ("distill", "resume", "Distiller", "TrainingDiverged"):
         from . import trainer
 
         return getattr(trainer, name)

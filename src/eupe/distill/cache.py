@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import DataConfig, load_source_image, open_sources, replay_view
 from ..errors import ConfigError, EupeError
 from ..models.encoder import EncoderOutput
-from .norm import TeacherNorm
+from ..models.teacher_norm import TeacherNorm
 
 CACHE_FILE = "cache.json"
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
@@ -53,34 +53,11 @@ class CacheConfig:
     batch: int = 32  # views per teacher forward
 
 
-def targets_to(targets: dict[str, EncoderOutput], device: torch.device) -> dict[str, EncoderOutput]:
-    """Cached targets moved to the training device."""
-    return {
-        n: EncoderOutput(
-            y.cls.to(device, non_blocking=True), y.patches.to(device, non_blocking=True), None, y.grid
-        )
-        for n, y in targets.items()
-    }
-
-
 def shard_name(rank: int, i: int) -> str:
     return f"shard_r{rank}_{i:05d}.safetensors"
 
 
 # -- reading -----------------------------------------------------------------------------------------
-class CachedTeacher:
-    """What the trainer needs of a teacher whose targets come from the cache (no forward)."""
-
-    def __init__(self, name: str, meta: dict[str, Any]):
-        self.name = name
-        self.resolution, self.stride = int(meta["resolution"]), int(meta["stride"])
-        self.cls_dim, self.patch_dim = int(meta["cls_dim"]), int(meta["patch_dim"])
-        self.grid = tuple(meta["grid"])
-
-    def __call__(self, *args: Any, **kwargs: Any) -> EncoderOutput:
-        raise EupeError(f"teacher {self.name!r} is read from the teacher cache; it cannot run")
-
-
 class TeacherCache:
     """An opened cache folder (metadata, TeacherNorm, per-view index)."""
 
@@ -103,15 +80,6 @@ class TeacherCache:
     @property
     def teachers(self) -> dict[str, dict[str, Any]]:
         return self.meta["teachers"]
-
-    def stub_teachers(self, cfg: Any) -> dict[str, CachedTeacher]:
-        """Stand-ins for the config's teachers; they must be the cache's teachers."""
-        if list(cfg.teachers) != list(self.teachers):
-            raise ConfigError(
-                f"data.teacher_cache: the cache holds teachers {list(self.teachers)}, the config names "
-                f"{list(cfg.teachers)}; use the config the cache was built from"
-            )
-        return {n: CachedTeacher(n, m) for n, m in self.teachers.items()}
 
     def loader(
         self, data: DataConfig, batch_size: int, view_size: int, seed: int, rank: int, world: int

@@ -29,20 +29,20 @@ from tqdm import tqdm
 
 from ..data import BadImage, build_loader, make_view, open_sources, shard_items
 from ..errors import ConfigError
+from ..models.teacher_norm import TeacherNorm
 from ..runtime import init_distributed, pick_device, seed_everything
 from ..teachers import build_teacher_from_spec
 from .cache import CACHE_FILE, DTYPES, VIEW_SEED, CacheConfig, shard_name
-from .config import DistillConfig, load_config, micro_batch, student_resolutions
-from .norm import TeacherNorm, measure_norm
+from .config import DistillConfig, micro_batch, student_resolutions
+from .norm import measure_norm
 
 
-def parse_cache_overrides(overrides: list[str]) -> tuple[CacheConfig, list[str]]:
-    """Split `cache.*=...` overrides (CacheConfig) from the distill config's overrides."""
-    mine = [o[len("cache.") :] for o in overrides if o.startswith("cache.")]
-    rest = [o for o in overrides if not o.startswith("cache.")]
+def load_cache_config(options: list[str]) -> CacheConfig:
+    """A checked CacheConfig from `key=value` options (`dir=C`, `views=4`; `eupe cache-teacher`
+    passes its `cache.*` overrides without the prefix)."""
     try:
         cc = OmegaConf.to_object(
-            OmegaConf.merge(OmegaConf.structured(CacheConfig), OmegaConf.from_dotlist(mine))
+            OmegaConf.merge(OmegaConf.structured(CacheConfig), OmegaConf.from_dotlist(options))
         )
     except OmegaConfBaseException as e:
         raise ConfigError(
@@ -57,7 +57,7 @@ def parse_cache_overrides(overrides: list[str]) -> tuple[CacheConfig, list[str]]
         )
     if cc.dtype not in DTYPES:
         raise ConfigError(f"cache.dtype={cc.dtype!r} is not one of {', '.join(DTYPES)}")
-    return cc, rest
+    return cc
 
 
 class _ImageViews(Dataset):
@@ -226,9 +226,3 @@ def build_cache(cfg: DistillConfig, cc: CacheConfig) -> dict[str, Any]:
     if world > 1:
         torch.distributed.barrier()
     return summary
-
-
-def cache_from_cli(config: str, overrides: list[str]) -> dict[str, Any]:
-    """`eupe cache-teacher CONFIG cache.dir=DIR [cache.views=K] [key=value ...]`."""
-    cc, rest = parse_cache_overrides(overrides)
-    return build_cache(load_config(config, rest), cc)

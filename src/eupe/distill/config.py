@@ -8,6 +8,7 @@ students share one file of Stage-2 numbers. `validate()` turns every inconsisten
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ..runtime import world_size
 from ..teachers.spec import TeacherSpec
 
 STAGES = ("fixed", "pyramid")
+SINGLE = "student"  # the name of the one student of a plain run
 
 
 @dataclass
@@ -96,7 +98,9 @@ class DistillConfig:
     pyramid: list[int] = field(default_factory=lambda: [256, 384, 512])
     teachers: dict[str, TeacherSpec] = field(default_factory=dict)
     student: StudentConfig = field(default_factory=StudentConfig)
-    # family mode: name -> student; each batch runs the teachers once, then every student
+    # family mode: name -> student; each batch runs the teachers once, then every student. A plain
+    # config's `student` becomes {"student": student} here when the config loads (`load_config`),
+    # so everything downstream reads `students` only.
     students: dict[str, StudentConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: LossConfig = field(default_factory=LossConfig)
@@ -163,12 +167,22 @@ def load_config(
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config: {_describe(e)}") from None
     assert isinstance(cfg, DistillConfig)
+    if not cfg.students:  # the single-student form, turned into the family form once
+        cfg.students = {SINGLE: cfg.student}
     validate(cfg)
     return cfg
 
 
+def student_key(cfg: DistillConfig, name: str) -> str:
+    """How errors name a student's config section: `student` (a plain run) or `students.<name>`."""
+    return "student" if list(cfg.students) == [SINGLE] else f"students.{name}"
+
+
 def to_yaml(cfg: DistillConfig) -> str:
-    """The resolved config, as written to `output_dir/config.yaml`."""
+    """The resolved config, as written to `output_dir/config.yaml` (a plain run keeps its
+    `student:` form; loading it again gives the same config)."""
+    if list(cfg.students) == [SINGLE]:
+        cfg = dataclasses.replace(cfg, students={})
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
 
@@ -180,7 +194,7 @@ def micro_batch(cfg: DistillConfig) -> int:
 def student_resolutions(cfg: DistillConfig) -> list[int]:
     if cfg.stage == "pyramid":
         return list(cfg.pyramid)
-    return [s.resolution for s in (cfg.students or {"student": cfg.student}).values()]
+    return [s.resolution for s in cfg.students.values()]
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -218,15 +232,14 @@ def validate(cfg: DistillConfig) -> None:
     _positive(cfg.distill.alpha, "distill.alpha", zero_ok=True)
     _positive(cfg.distill.beta, "distill.beta", zero_ok=True)
 
-    if cfg.students:
-        for name in cfg.students:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-                raise ConfigError(
-                    f"students.{name}: student names may use letters, digits, '_' and '-' "
-                    "(they name final/<name>/ folders and logged terms)"
-                )
-    for key, s in ({f"students.{n}": v for n, v in cfg.students.items()} or {"student": cfg.student}).items():
-        _validate_student(cfg, s, key)
+    for name in cfg.students:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            raise ConfigError(
+                f"students.{name}: student names may use letters, digits, '_' and '-' "
+                "(they name final/<name>/ folders and logged terms)"
+            )
+    for name, s in cfg.students.items():
+        _validate_student(cfg, s, student_key(cfg, name))
     _validate_teachers(cfg)
 
 
@@ -304,8 +317,8 @@ def _validate_teachers(cfg: DistillConfig) -> None:
 
 def check_paths(cfg: DistillConfig) -> None:
     """Checks of files a run reads (separate from `validate`, so paper configs validate anywhere)."""
-    for key, s in ({f"students.{n}": v for n, v in cfg.students.items()} or {"student": cfg.student}).items():
-        _check_init(s.init, key)
+    for name, s in cfg.students.items():
+        _check_init(s.init, student_key(cfg, name))
     if cfg.data.teacher_cache and not (Path(cfg.data.teacher_cache) / "cache.json").is_file():
         raise ConfigError(
             f"data.teacher_cache={cfg.data.teacher_cache!r}: no cache.json there; build the cache with "

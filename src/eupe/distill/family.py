@@ -1,7 +1,8 @@
 """Family mode: one teacher forward per batch, then every student (issue 6).
 
 A config lists students either as the single `student:` block or as a `students:` mapping from a
-name to a `StudentConfig` (like `teachers`). Each student has its own heads, optimizer, schedule,
+name to a `StudentConfig` (like `teachers`); `load_config` turns the first form into the second
+(`{"student": student}`), so only `cfg.students` is read here. Each student has its own heads, optimizer, schedule,
 checkpoint folder (`checkpoints/step_N/students/<name>/`) and `final/<name>/`.
 
 A family run must equal separate runs with the same seed, so nothing random about one student may
@@ -23,18 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import DistillConfig, StudentConfig
-
-SINGLE = "student"  # the name of the one student of a plain run
-
-
-def student_specs(cfg: DistillConfig) -> dict[str, StudentConfig]:
-    """name -> StudentConfig: the `students` mapping, or {"student": cfg.student}."""
-    return dict(cfg.students) if getattr(cfg, "students", None) else {SINGLE: cfg.student}
-
-
-def is_family(cfg: DistillConfig) -> bool:
-    return bool(getattr(cfg, "students", None))
+from .config import DistillConfig
 
 
 class RngStreams:
@@ -91,7 +81,7 @@ def build_students(
     streams = RngStreams()
     start = RngStreams.capture()
     students = {}
-    for name, spec in student_specs(cfg).items():
+    for name, spec in cfg.students.items():
         RngStreams.restore(start)  # as if this student were the only one
         students[name] = StudentState.build(name, cfg, spec, teacher_dims, device)
         torch.manual_seed(stream_seed)

@@ -19,13 +19,13 @@ import torch
 
 from ..errors import ConfigError
 from ..models.encoder import Encoder
+from ..models.heads import HEADS_FILE, TeacherHeads
 from ..models.init import mimetic_init_
 from ..models.loading import CONFIG_NAME, load_weights
 from ..models.preprocess import Normalize, resize
 from ..models.zoo import ZOO
 from .checkpoint import load_state, save_state
 from .config import DistillConfig, StudentConfig
-from .heads import HEADS_FILE, TeacherHeads
 from .optim import CosineSchedule, build_optimization
 
 
@@ -122,8 +122,7 @@ def draw_resolutions(
     so no student's scales depend on the others (issue 6: family equals separate runs).
     """
     if cfg.stage != "pyramid":
-        specs = cfg.students or {"student": cfg.student}
-        return {t: None for t in teachers}, {s: specs[s].resolution for s in students}
+        return {t: None for t in teachers}, {s: cfg.students[s].resolution for s in students}
     drawn = {t: sampler.draw() for t in teachers}
     side = sampler.draw()
     return drawn, {s: side for s in students}

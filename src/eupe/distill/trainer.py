@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data import build_loader
 from ..errors import CheckpointError, ConfigError, EupeError
+from ..models.heads import TeacherHeads
 from ..models.preprocess import Normalize
+from ..models.teacher_norm import TeacherNorm
 from ..runtime import (
     fail_together,
     host_values,
@@ -38,13 +39,10 @@ from ..runtime import (
     seed_everything,
     shutdown,
 )
-from ..teachers import build_teacher_from_spec
 from . import checkpoint as ckpt
 from .config import DistillConfig, check_paths, load_config, micro_batch, student_resolutions, to_yaml
-from .family import build_students, student_specs
-from .heads import TeacherHeads
+from .family import build_students
 from .loss import LossWeights, teacher_loss, total_loss
-from .norm import TeacherNorm, measure_norm
 from .parallel import (
     DCP_DIR,
     as_local_norm,
@@ -58,6 +56,7 @@ from .parallel import (
     wrap_student,
 )
 from .stages import ScaleSampler, StudentState, build_student, draw_resolutions, prepare_student
+from .targets import TargetSource, targets_from_config
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -71,9 +70,13 @@ class TrainingDiverged(EupeError):
 
 
 class Distiller:
-    """One distillation run writing to `cfg.output_dir` (fresh, or resumed from its checkpoints)."""
+    """One distillation run writing to `cfg.output_dir` (fresh, or resumed from its checkpoints).
 
-    def __init__(self, cfg: DistillConfig, resume: bool = False):
+    `source` says where teacher targets come from (`distill/targets.py`); by default the config's
+    live teachers, or its teacher cache when `data.teacher_cache` is set.
+    """
+
+    def __init__(self, cfg: DistillConfig, *, resume: bool = False, source: TargetSource | None = None):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         check_paths(cfg)
         self.device = pick_device(cfg.train.device)  # cuda:<LOCAL_RANK>, current before any CUDA work
@@ -81,24 +84,15 @@ class Distiller:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.seed)  # the same weights on every rank ...
-        self.cache = None  # a teacher-feature cache replaces the teachers (data.teacher_cache)
-        if cfg.data.teacher_cache:
-            from .cache import TeacherCache
-
-            self.cache = TeacherCache(cfg.data.teacher_cache)
-            self.teachers = self.cache.stub_teachers(cfg)
-        else:
-            self.teachers = self._build_teachers()
-        dims = {n: (t.cls_dim, t.patch_dim) for n, t in self.teachers.items()}
+        self.source = source or targets_from_config(cfg, self.device)
+        dims = self.source.dims
         # students: name -> StudentState (one, or a family sharing each teacher forward)
         own_seed = rank_seed(cfg.seed, self.rank)
         self.students, self.streams = build_students(cfg, dims, self.device, own_seed)
         seed_everything(own_seed)  # ... then each rank its own random draws
-        for name, spec in student_specs(cfg).items():
+        for name, spec in cfg.students.items():
             wrap_student(self.students[name], cfg, spec, self.device, self.world)
-        self.norm = TeacherNorm(dims).to(self.device)
-        if self.cache is not None:  # the statistics the cache's targets were normalized with
-            self.norm.load_state_dict(self.cache.norm.state_dict())
+        self.norm = self.source.norm.to(self.device)  # saved in checkpoints; restored on resume
         self.normalize = Normalize().to(self.device)  # the students' input constants, on the device
         self.weights = {
             n: LossWeights(
@@ -108,18 +102,8 @@ class Distiller:
         }
         self.sampler = ScaleSampler(cfg.pyramid, cfg.seed + 1)
         self.micro = micro_batch(cfg)
-        self._cached_targets = None
-        self.loader = (
-            build_loader(
-                cfg.data,
-                batch_size=self.micro,
-                view_size=self.view_size(),
-                seed=cfg.seed,
-                rank=self.rank,
-                world_size=self.world,
-            )
-            if self.cache is None
-            else self.cache.loader(cfg.data, self.micro, self.view_size(), cfg.seed, self.rank, self.world)
+        self.loader = self.source.loader(
+            cfg.data, self.micro, self.view_size(), cfg.seed, self.rank, self.world
         )
         self._setup_checkpointing()
         self.step = 0
@@ -135,7 +119,7 @@ class Distiller:
     def train(self) -> Path:
         """Run to `train.max_steps`, then write `final/`; returns the final folder."""
         t = self.cfg.train
-        self._measure_norm_if_needed()
+        self.prepare()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress or self.rank, unit="step")
         self._window = (0, time.perf_counter())  # (images, start time) since the last log line
         self._writer = self._tensorboard()
@@ -161,13 +145,14 @@ class Distiller:
         """One optimizer step of every student over `train.accum_steps` micro-batches; returns the
         metrics row on logging steps. The CPU reads from the device once: `read_step`."""
         cfg, t = self.cfg, self.cfg.train
-        teacher_res, student_res = draw_resolutions(cfg, self.sampler, [*self.teachers], [*self.students])
+        teacher_res, student_res = draw_resolutions(cfg, self.sampler, [*self.source.dims], [*self.students])
         lrs = {n: s.schedule.current_lr for n, s in self.students.items()}
         logging = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
         sums: dict[str, torch.Tensor] = {}  # this rank's means over its micro-batches, on the device
         for micro in range(t.accum_steps):
-            views = self._next_batch()
-            targets = self.teacher_targets(views, teacher_res)  # frozen, normalized
+            batch = self._next_batch()
+            views = batch.views
+            targets = self.source.targets(batch, teacher_res)  # frozen, normalized
             for name, s in self.students.items():  # each on its own RNG stream
                 with self.streams.use(name), grad_sync(s, micro == t.accum_steps - 1):
                     loss, terms = self.student_loss(s, views, targets, student_res[name])
@@ -204,19 +189,6 @@ class Distiller:
             print(f"data: skipped {stats['skipped']} unreadable file(s), e.g. {shown}", file=sys.stderr)
 
     # -- one step's parts ---------------------------------------------------------------------
-    def teacher_targets(self, views: torch.Tensor, resolutions: dict[str, int | None]) -> dict:
-        """Normalized teacher outputs; each teacher resizes the shared view to its own resolution."""
-        if self._cached_targets is not None:  # read from the teacher-feature cache, already normalized
-            from .cache import targets_to
-
-            return targets_to(self._cached_targets, self.device)
-        targets = {}
-        for name, teacher in self.teachers.items():
-            out = teacher(views, resolutions[name])
-            with torch.no_grad():
-                targets[name] = self.norm.normalize(name, out)  # normal tensors, not inference ones
-        return targets
-
     def student_loss(
         self, s: StudentState, views: torch.Tensor, targets: dict, resolution: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -270,39 +242,23 @@ class Distiller:
             return "No checkpoint was written yet."
         return f"Last good checkpoint: {found[-1][1]} (resume with `eupe distill --resume {self.out}`)."
 
-    def _next_batch(self) -> torch.Tensor:
+    def _next_batch(self):
+        """The source's next batch, its views moved to the training device."""
         try:
             batch = next(self._batches)
         except StopIteration:  # a finite loader: start its next pass
             self._batches = iter(self.loader)
             batch = next(self._batches)
-        self._cached_targets = getattr(batch, "targets", None)
-        return batch.views.to(self.device, non_blocking=True)
+        batch.views = batch.views.to(self.device, non_blocking=True)
+        return batch
 
     # -- setup -------------------------------------------------------------------------------
     def view_size(self) -> int:
         """Side of the shared augmented view: the largest input any network needs."""
-        sizes = [*student_resolutions(self.cfg), *(t.resolution for t in self.teachers.values())]
+        sizes = [*student_resolutions(self.cfg), *self.source.sides.values()]
         if self.cfg.stage == "pyramid":
             sizes += list(self.cfg.pyramid)
         return max(sizes)
-
-    def _build_teachers(self) -> dict:
-        teachers = {}
-        for name, spec in self.cfg.teachers.items():
-            # built in place on the device (no 7B teacher in CPU memory); errors name teachers.<name>
-            teacher = build_teacher_from_spec(name, spec, seed=self.cfg.seed, device=self.device)
-            teachers[name] = teacher.to(self.device).eval().requires_grad_(False)
-            if self.cfg.train.compile:
-                teacher.compile_encode()
-            if self.cfg.stage == "pyramid":
-                for r in self.cfg.pyramid:
-                    if r % teacher.stride:
-                        raise ConfigError(
-                            f"pyramid: scale {r} is not a multiple of teacher {name!r}'s patch size "
-                            f"{teacher.stride}; pick scales that both the student and the teachers divide"
-                        )
-        return teachers
 
     def _start(self) -> None:
         """A fresh run: the output folder must not hold another run (rank 0 checks and writes; the
@@ -318,14 +274,11 @@ class Distiller:
         (self.out / CONFIG_FILE).write_text(to_yaml(self.cfg))
         (self.out / METRICS_FILE).write_text("")
 
-    def _measure_norm_if_needed(self) -> None:
-        """TeacherNorm over the first `norm.batches` optimizer steps of data (each `accum_steps`
-        micro-batches) at native resolution, then frozen."""
-        if bool(self.norm.frozen):
-            return
+    def prepare(self) -> None:
+        """Before the first step: TeacherNorm over the first `norm.batches` optimizer steps of data
+        (each `accum_steps` micro-batches), where the source still needs it; then it is fixed."""
         n = self.cfg.norm.batches * self.cfg.train.accum_steps
-        bar = tqdm(range(n), desc="TeacherNorm", disable=not self.cfg.train.progress or self.rank)
-        measure_norm(self.norm, self.teachers, (self._next_batch() for _ in bar))
+        self.source.prepare(self._next_batch, n, self.cfg.train.progress and not self.rank)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _setup_checkpointing(self) -> None:
@@ -449,7 +402,7 @@ class Distiller:
         """final/ (family runs: final/<student>/): the student (save_pretrained), its heads and the
         TeacherNorm statistics."""
         target = self.out / FINAL_DIR
-        specs = student_specs(self.cfg)
+        specs = self.cfg.students
         gathered = {  # FSDP students: gather the full weights (collective), saved by rank 0
             n: full_state(s.runner) for n, s in self.students.items() if s.sharded
         }
@@ -477,7 +430,7 @@ class Distiller:
             model.save_pretrained(tmp)
             heads.save(tmp)
             self.norm.save(tmp)
-            ckpt.save_json(tmp / "distill.json", {"step": self.step, "teachers": list(self.teachers)})
+            ckpt.save_json(tmp / "distill.json", {"step": self.step, "teachers": list(self.source.dims)})
 
         if len(self.students) == 1:
             ((name, s),) = self.students.items()
@@ -542,19 +495,3 @@ def resume(output_dir: str | Path) -> Path:
     final = Distiller(cfg, resume=True).train()
     shutdown()
     return final
-
-
-def distill_from_cli(config: str | None, overrides: list[str], resume_dir: str | None) -> Path:
-    """`eupe distill CONFIG [key=value ...]` or `eupe distill --resume OUTPUT_DIR`."""
-    if resume_dir:
-        if config or overrides:
-            extra = " ".join([*([config] if config else []), *overrides])
-            raise ConfigError(
-                f"--resume reuses the run's own config.yaml and takes no config or overrides (got: {extra})"
-            )
-        return resume(resume_dir)
-    if not config:
-        raise ConfigError("give a CONFIG file (e.g. configs/tiny/stage1.yaml) or --resume OUTPUT_DIR")
-    if "=" in config and not Path(config).exists():
-        raise ConfigError(f"the first argument is the config file; got the override {config!r}")
-    return distill(load_config(config, overrides))

@@ -42,6 +42,7 @@ from .features import (
     train_probe,
 )
 from .models import EvalModel, load_model
+from .registry import register_task
 
 EIGEN_CROP_480x640 = (45, 471, 41, 601)  # top, bottom, left, right: the test-time evaluation crop
 NYU_CROP_480x640 = (45, 472, 43, 608)  # top, bottom, left, right: the release's training border crop
@@ -162,6 +163,13 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[st
     }
 
 
+@register_task(
+    "depth",
+    settings=DepthSettings,
+    label="NYUv2",
+    help="linear depth probe on NYUv2 (BTS lists nyu_train.txt/nyu_test.txt), RMSE in metres",
+    example="iterations=2000",
+)
 def depth(
     model: Any,
     data: str | os.PathLike,

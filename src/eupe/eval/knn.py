@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from .common import EvalResult, resolve_settings, settings_dict
 from .datasets import ClassFolder, class_folder_splits
 from .models import EvalModel, load_model
+from .registry import register_task
 
 PROTOCOLS = ("release", "paper")
 MAIN_K = 10  # results.json's `value` is top-1 at this k (the paper's k) when it was evaluated
@@ -227,6 +228,13 @@ def knn_accuracy(
     return {k: int((p == truth).sum()) / n for k, p in preds.items()}
 
 
+@register_task(
+    "knn",
+    settings=KNNSettings,
+    label="IN1k-KNN",
+    help="k-NN top-1 on the cls token (IN1k-KNN); DATA has train/<class>/ and val/<class>/",
+    example="protocol=paper k=[10,20] batch_size=128",
+)
 def knn(
     model: Any,
     data: str | os.PathLike | tuple[ClassFolder, ClassFolder],

@@ -21,6 +21,7 @@ from .common import EvalResult, resolve_settings, settings_dict, snap
 from .datasets import IMAGE_EXTS, load_rgb
 from .features import resize_image, to_tensor01
 from .models import load_model
+from .registry import register_task
 
 
 @dataclass
@@ -70,6 +71,14 @@ def list_images(data: str | os.PathLike, limit: int) -> list[Path]:
     return files[:limit] if limit > 0 else files
 
 
+@register_task(
+    "pca",
+    settings=PCASettings,
+    label="PCA",
+    help="PCA pictures of patch tokens: a grid of images x models (pca.png)",
+    example="joint=true max_images=4",
+    multi_model=True,
+)
 def pca(
     models: Any,
     data: str | os.PathLike,

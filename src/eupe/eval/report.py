@@ -10,8 +10,7 @@ suite resumes where it stopped (`skip_existing`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError, EupeError
 from .common import RESULTS_FILE, EvalResult, read_result
-from .depth import DepthSettings, depth
-from .knn import KNNSettings, knn
-from .pca import PCASettings, pca
-from .seg import SegSettings, seg
-from .spair import SPairSettings, spair
-from .zeroshot import ZeroShotSettings, zeroshot
+from .registry import TASKS, run_task
 
-TASKS: dict[str, Callable[..., EvalResult]] = {
-    "knn": knn,
-    "zeroshot": zeroshot,
-    "seg": seg,
-    "depth": depth,
-    "spair": spair,
-    "pca": pca,
-}
-SETTINGS: dict[str, type] = {
-    "knn": KNNSettings,
-    "zeroshot": ZeroShotSettings,
-    "seg": SegSettings,
-    "depth": DepthSettings,
-    "spair": SPairSettings,
-    "pca": PCASettings,
-}
-LABELS = {"knn": "IN1k-KNN", "zeroshot": "IN1k-ZS", "seg": "ADE20k", "depth": "NYUv2", "spair": "SPair"}
 LOWER_IS_BETTER = {"rmse"}
 
 
@@ -98,7 +75,8 @@ def load_suite_config(path: str | Path, overrides: list[str] | None = None) -> S
     return suite
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """`name` as one path component (run folders are named after models and benchmarks)."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
@@ -109,28 +87,37 @@ def run_suite(suite: SuiteConfig) -> dict[str, Any]:
     results: dict[str, dict[str, EvalResult]] = {m.name: {} for m in suite.models}
     columns: list[tuple[str, str]] = []  # (key, label)
     for ev in suite.evals:
-        key = ev.label or LABELS.get(ev.task, ev.task)
-        known = {f.name for f in fields(SETTINGS[ev.task])}
+        task = TASKS[ev.task]
+        key = ev.label or task.label
+        known = task.setting_names()
         settings = {**{k: v for k, v in suite.settings.items() if k in known}, **ev.settings}
-        if ev.task == "pca":
-            pca_dir = out / "pca"
-            if not (suite.skip_existing and (pca_dir / RESULTS_FILE).is_file()):
-                pca(
-                    [m.model for m in suite.models],
-                    ev.data,
-                    [m.weights for m in suite.models],
-                    pca_dir,
-                    **settings,
+        if task.multi_model:  # one run over every model (a side-by-side picture), not a column
+            run_dir = out / safe_name(ev.task)
+            if not (suite.skip_existing and (run_dir / RESULTS_FILE).is_file()):
+                run_task(
+                    ev.task,
+                    model=[m.model for m in suite.models],
+                    data=ev.data,
+                    weights=[m.weights for m in suite.models],
+                    output_dir=run_dir,
+                    settings=settings,
                 )
             continue
         columns.append((key, key))
         for m in suite.models:
-            run_dir = out / _safe(m.name) / _safe(key)
+            run_dir = out / safe_name(m.name) / safe_name(key)
             if suite.skip_existing and (run_dir / RESULTS_FILE).is_file():
                 results[m.name][key] = read_result(run_dir)
                 continue
             try:
-                res = TASKS[ev.task](m.model, ev.data, m.weights, run_dir, **settings)
+                res = run_task(
+                    ev.task,
+                    model=m.model,
+                    data=ev.data,
+                    weights=m.weights,
+                    output_dir=run_dir,
+                    settings=settings,
+                )
             except EupeError as e:  # one broken run should not sink the whole table
                 res = EvalResult(ev.task, "", None, m.name, ev.data, settings, status=f"error: {e}")
                 res.write(run_dir)
@@ -247,29 +234,6 @@ def radar_plot(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def run_task(
-    task: str,
-    model: str,
-    data: str,
-    weights: str | None = None,
-    output_dir: str | None = None,
-    overrides: list[str] | None = None,
-) -> tuple[EvalResult, Path]:
-    """What `eupe eval TASK` does: parse `key=value` overrides, run, write results.json."""
-    from .common import parse_overrides
-
-    if task not in TASKS:
-        raise ConfigError(f"unknown evaluation '{task}'; choose from {', '.join(TASKS)}")
-    settings = parse_overrides(overrides)
-    out = Path(output_dir or f"eval_{task}_{_safe(Path(model).name)}")
-    if task == "pca":  # several models side by side: --model a,b --weights wa,wb
-        models = model.split(",")
-        ws = weights.split(",") if weights else [None] * len(models)
-        ws = [w or None for w in ws]
-        return pca(models, data, ws, out, **settings), out
-    return TASKS[task](model, data, weights, out, **settings), out
 
 
 def format_result(r: EvalResult) -> str:

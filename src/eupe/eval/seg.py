@@ -41,6 +41,7 @@ from .features import (
     train_probe,
 )
 from .models import EvalModel, load_model
+from .registry import register_task
 
 # the release's warmup, 1500 of its 40k iterations; warmup_iters=-1 keeps this share of any run
 RELEASE_WARMUP_SHARE = 1500 / 40000
@@ -195,6 +196,13 @@ def _train_view(data: ADE20k, s: SegSettings, mean: tuple[float, ...]):
     return view
 
 
+@register_task(
+    "seg",
+    settings=SegSettings,
+    label="ADE20k",
+    help="linear segmentation probe on ADE20k (ADEChallengeData2016 layout), mIoU",
+    example="iterations=2000 batch_size=8",
+)
 def seg(
     model: Any,
     data: str | os.PathLike,

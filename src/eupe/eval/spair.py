@@ -24,6 +24,7 @@ from .common import EvalResult, resolve_settings, settings_dict, snap
 from .datasets import SPair, load_rgb
 from .features import patch_features, resize_image, to_tensor01
 from .models import EvalModel, load_model
+from .registry import register_task
 
 
 @dataclass
@@ -68,6 +69,13 @@ def match_keypoints(src: torch.Tensor, trg: torch.Tensor, src_xy: np.ndarray) ->
     return np.stack([best % wt, best // wt], 1).astype(np.float64)
 
 
+@register_task(
+    "spair",
+    settings=SPairSettings,
+    label="SPair",
+    help="training-free keypoint correspondence on SPair-71k, PCK@0.1",
+    example="pairs_per_category=20",
+)
 def spair(
     model: Any,
     data: str | os.PathLike,

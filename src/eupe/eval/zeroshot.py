@@ -42,6 +42,7 @@ from .common import EvalResult, not_supported, resolve_settings, settings_dict
 from .datasets import ClassFolder
 from .knn import classification_transform, extract_cls
 from .models import EvalModel, load_model
+from .registry import register_task
 from .templates import resolve_templates
 
 
@@ -126,7 +127,7 @@ def zero_shot_logits(image_emb: torch.Tensor, classifier: torch.Tensor, scale: f
 
 def _one_hop(heads_dir: Path, teacher: str, device: torch.device):
     """cls -> `teacher`'s raw cls space through the heads in `heads_dir`, or a reason string."""
-    from ..distill.heads import TeacherHeads
+    from ..models.heads import TeacherHeads
 
     heads = TeacherHeads.load(heads_dir).to(device).eval()
     names = list(heads.teacher_dims)
@@ -140,7 +141,7 @@ def _one_hop(heads_dir: Path, teacher: str, device: torch.device):
         return f"no adapter head for teacher '{teacher}' in {heads_dir} (heads: {', '.join(names)})"
     norm = None
     if (heads_dir / "teacher_norm.safetensors").is_file():
-        from ..distill.norm import TeacherNorm
+        from ..models.teacher_norm import TeacherNorm
 
         norm = TeacherNorm.load(heads_dir).to(device)
         if teacher not in norm.teachers:
@@ -150,8 +151,7 @@ def _one_hop(heads_dir: Path, teacher: str, device: torch.device):
     def project(x: torch.Tensor) -> torch.Tensor:
         y = head(x)
         if norm is not None:  # back from the normalized targets to the teacher's own space
-            mean, std = norm.stats(teacher, "cls")
-            y = y * std + mean
+            y = norm.denormalize(teacher, y, "cls")
         return y
 
     return project
@@ -232,7 +232,7 @@ def _device_dtype(model: Any, like: torch.Tensor) -> tuple[torch.device, torch.d
         return like.device, like.dtype
 
 
-def _to_text_space(
+def to_text_space(
     emb: torch.Tensor, text_model: Any, text_dim: int, mode: str = "auto"
 ) -> tuple[torch.Tensor, bool]:
     """Apply the CLIP model's own visual projection to heads that target pre-projection features.
@@ -259,6 +259,13 @@ def _to_text_space(
     return out, True
 
 
+@register_task(
+    "zeroshot",
+    settings=ZeroShotSettings,
+    label="IN1k-ZS",
+    help="zero-shot top-1 through a teacher's text tower and the student's adapter head (IN1k-ZS)",
+    example="teacher=pe_core text_model=PE-Core-B-16 text_weights=pe_core_b16.bin classnames=names.txt",
+)
 def zeroshot(
     model: Any,
     data: str | os.PathLike,
@@ -285,7 +292,7 @@ def zeroshot(
         feats, labels = extract_cls(m, val, tf, s.batch_size, s.num_workers, "zero-shot image features")
         with torch.no_grad():
             emb = project(feats)
-        emb, used_proj = _to_text_space(emb, text, classifier.shape[-1], s.visual_projection)
+        emb, used_proj = to_text_space(emb, text, classifier.shape[-1], s.visual_projection)
         if emb.shape[-1] != classifier.shape[-1]:
             raise ConfigError(
                 f"the projected cls has {emb.shape[-1]} dims but text tower '{s.text_model}' embeds "

@@ -40,7 +40,7 @@ def build_teacher(backend: str, **spec: Any) -> Teacher:
     return TEACHER_BACKENDS[backend](**spec)
 
 
-def _rng_devices() -> list[int]:
+def rng_devices() -> list[int]:
     """Devices whose RNG a seeded teacher init must leave untouched (the run's own streams)."""
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 

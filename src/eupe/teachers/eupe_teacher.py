@@ -18,7 +18,7 @@ from ..models.encoder import EncoderOutput
 from ..models.loading import create_model
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..models.zoo import ZOO
-from .base import Teacher, _rng_devices, register_teacher, weights_to_bf16
+from .base import Teacher, register_teacher, rng_devices, weights_to_bf16
 
 
 class EupeTeacher(Teacher):
@@ -48,7 +48,7 @@ class EupeTeacher(Teacher):
                 f"eupe teacher: {source!r} is neither a folder (expected <output_dir>/final with config.json) "
                 f"nor a zoo name ({', '.join(ZOO)})"
             )
-        with torch.random.fork_rng(devices=_rng_devices()):
+        with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(seed)
             if source in ZOO:
                 encoder = create_model(source, weights=weights, **(overrides or {}))

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..models.encoder import EncoderOutput, feature_map_to_output
 from ..models.loading import read_state_dict
-from .base import Teacher, _rng_devices, register_teacher, weights_to_bf16
+from .base import Teacher, register_teacher, rng_devices, weights_to_bf16
 
 SUMMARIES = ("cls", "head", "proj", "mean")
 
@@ -142,7 +142,7 @@ class TimmTeacher(Teacher):
         self.patch_block = _block_index(patches, "patches")
         if summary != "proj":
             kwargs.setdefault("num_classes", 0)  # no classifier: the teacher's targets are features
-        with torch.random.fork_rng(devices=_rng_devices()):
+        with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(seed)
             net = _create(model, pretrained and not checkpoint, kwargs, resolution)
         if checkpoint:

@@ -19,7 +19,7 @@ from .estimate import (
     plan,
 )
 from .measure import ModelCost, size_model
-from .report import format_plan, plan_from_cli
+from .report import format_plan
 from .spec import NetSpec, PlanSpec, load_plan_spec, spec_from_config
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "measure_costs",
     "memory",
     "plan",
-    "plan_from_cli",
     "size_model",
     "spec_from_config",
 ]

@@ -121,6 +121,7 @@ def memory(
 
 def plan(
     spec: PlanSpec,
+    *,
     gpus: int,
     gpu: str = "h100",
     mfu: float = 0.4,

@@ -1,14 +1,10 @@
-"""The printed table of `eupe plan` and the CLI entry point (load, estimate, print, write JSON)."""
+"""The printed table of `eupe plan`: every number with the formula behind it."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError
-from .estimate import GB, plan
-from .spec import load_plan_spec
+from .estimate import GB
 
 
 def _f(x: float) -> str:
@@ -106,39 +102,3 @@ def format_plan(p: dict[str, Any]) -> str:
         seen += f" = {im['epochs']:.2f} passes over {im['dataset_size']:,} images"
     lines.append(seen)
     return "\n".join(lines)
-
-
-def plan_from_cli(
-    config: str,
-    overrides: list[str],
-    gpus: int,
-    gpu: str,
-    mfu: float,
-    fsdp: bool | None,
-    checkpointing: bool,
-    micro_batch: int | None = None,
-    dataset_size: int | None = None,
-    arch: list[str] | None = None,
-    json_path: str | None = None,
-) -> dict[str, Any]:
-    """`eupe plan`: load the config, estimate, print the table, write JSON when asked."""
-    import json
-
-    pairs = {}
-    for item in arch or []:
-        name, _, zoo = item.partition("=")
-        if not name or not zoo:
-            raise ConfigError(f"--arch {item!r} is not TEACHER=ZOO_NAME (e.g. --arch proxy=eupe_vith16plus)")
-        pairs[name] = zoo
-    spec = load_plan_spec(config, overrides, pairs)
-
-    def progress(what: str) -> None:  # sizing a 2B model on meta takes seconds; say what is going on
-        print(f"sizing {what} on the meta device", file=sys.stderr, flush=True)
-
-    result = plan(spec, gpus, gpu, mfu, fsdp, checkpointing, micro_batch, dataset_size, progress=progress)
-    print(format_plan(result))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {json_path}")
-    return result

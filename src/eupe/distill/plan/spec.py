@@ -102,19 +102,17 @@ def spec_from_config(cfg: Any, name: str = "config", arch: dict[str, str] | None
             f"--arch names {unknown}, which are not teachers of this config ({', '.join(cfg.teachers)})"
         )
     stage, pyramid = cfg.stage, [int(r) for r in cfg.pyramid]
-    from ..family import is_family, student_specs
-
     students = {
         n: NetSpec(
             "eupe", s.name, pyramid if stage == "pyramid" else [int(s.resolution)], dict(s.overrides or {})
         )
-        for n, s in student_specs(cfg).items()
+        for n, s in cfg.students.items()
     }
     teachers = {t: _teacher_spec(t, spec, stage, pyramid, arch) for t, spec in cfg.teachers.items()}
     return PlanSpec(
         name=name,
         student=next(iter(students.values())),
-        students=students if is_family(cfg) else {},
+        students=students if len(students) > 1 else {},
         teachers=teachers,
         hidden_dim=int(cfg.heads.hidden_dim),
         global_batch=int(cfg.train.global_batch),

@@ -1,0 +1,263 @@
+"""Where a run's teacher targets come from: one interface, three sources.
+
+    LiveTeachers        the config's teachers run on every batch (any stage, the pyramid included)
+    CachedTargets       a teacher-feature cache on disk (`eupe cache-teacher`; `data.teacher_cache`)
+    PrecomputedTargets  targets computed once, in memory, for a fixed set of views (`eupe demo`)
+
+Every source gives the `Distiller` the same things: `dims` (teacher -> (cls width, patch width)),
+`norm` (the `TeacherNorm` its targets are normalized with), `sides` (each teacher's native input
+side, which sets the shared view size), `loader(...)` (the batches it can give targets for),
+`prepare(...)` (measures TeacherNorm where it is not fixed yet; the one place that happens) and
+`targets(batch, resolutions)` (normalized `EncoderOutput`s on the training device). The trainer
+never asks which kind it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import ConfigError, EupeError
+from ..models.encoder import EncoderOutput
+from ..models.teacher_norm import TeacherNorm
+from ..teachers import build_teacher_from_spec
+from .norm import measure_norm
+
+
+class TargetSource:
+    """The interface (see the module docstring); subclasses set `dims`, `norm` and `sides`."""
+
+    dims: dict[str, tuple[int, int]]
+    norm: TeacherNorm
+    sides: dict[str, int]
+
+    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
+        raise NotImplementedError
+
+    def prepare(self, next_batch: Callable[[], Any], batches: int, progress: bool) -> None:
+        """Measure TeacherNorm over `batches` batches if it is not fixed yet (only live teachers)."""
+
+    def targets(self, batch: Any, resolutions: dict[str, int | None]) -> dict[str, EncoderOutput]:
+        raise NotImplementedError
+
+
+def _to(y: EncoderOutput, device: torch.device) -> EncoderOutput:
+    return EncoderOutput(
+        y.cls.to(device, non_blocking=True).float(),
+        y.patches.to(device, non_blocking=True).float(),
+        None,
+        tuple(y.grid),
+    )
+
+
+# -- live teachers --------------------------------------------------------------------------------------
+class LiveTeachers(TargetSource):
+    """The configured teachers, frozen, run on each batch at their own (native or drawn) side."""
+
+    def __init__(self, cfg: Any, device: torch.device):
+        from ..data import build_loader
+
+        self._build_loader = build_loader
+        self.teachers = {}
+        for name, spec in cfg.teachers.items():
+            # built in place on the device (no 7B teacher in CPU memory); errors name teachers.<name>
+            teacher = build_teacher_from_spec(name, spec, seed=cfg.seed, device=device)
+            teacher = teacher.to(device).eval().requires_grad_(False)
+            if cfg.stage == "pyramid":
+                for r in cfg.pyramid:
+                    if r % teacher.stride:
+                        raise ConfigError(
+                            f"pyramid: scale {r} is not a multiple of teacher {name!r}'s patch size "
+                            f"{teacher.stride}; pick scales that both the student and the teachers divide"
+                        )
+            if cfg.train.compile:
+                teacher.compile_encode()
+            self.teachers[name] = teacher
+        self.dims = {n: (t.cls_dim, t.patch_dim) for n, t in self.teachers.items()}
+        self.sides = {n: int(t.resolution) for n, t in self.teachers.items()}
+        self.norm = TeacherNorm(self.dims).to(device)
+
+    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
+        return self._build_loader(
+            data, batch_size=batch_size, view_size=view_size, seed=seed, rank=rank, world_size=world
+        )
+
+    def prepare(self, next_batch: Callable[[], Any], batches: int, progress: bool) -> None:
+        if bool(self.norm.frozen):  # measured before (a resumed run keeps its statistics)
+            return
+        bar = tqdm(range(batches), desc="TeacherNorm", disable=not progress)
+        measure_norm(self.norm, self.teachers, (next_batch().views for _ in bar))
+
+    def targets(self, batch: Any, resolutions: dict[str, int | None]) -> dict[str, EncoderOutput]:
+        out = {}
+        for name, teacher in self.teachers.items():
+            y = teacher(batch.views, resolutions.get(name))
+            with torch.no_grad():  # normal tensors, not inference ones: they are loss targets
+                out[name] = self.norm.normalize(name, y)
+        return out
+
+
+# -- a cache on disk ------------------------------------------------------------------------------------
+class CachedTargets(TargetSource):
+    """Targets read from a teacher-feature cache, with the views replayed from the source images."""
+
+    def __init__(self, cfg: Any, device: torch.device):
+        from .cache import TeacherCache
+
+        self.cache = TeacherCache(cfg.data.teacher_cache)
+        cached = self.cache.teachers
+        if list(cfg.teachers) != list(cached):
+            raise ConfigError(
+                f"data.teacher_cache: the cache holds teachers {list(cached)}, the config names "
+                f"{list(cfg.teachers)}; use the config the cache was built from"
+            )
+        self.dims = {n: (int(m["cls_dim"]), int(m["patch_dim"])) for n, m in cached.items()}
+        self.sides = {n: int(m["resolution"]) for n, m in cached.items()}
+        self.norm = self.cache.norm.to(device)  # the statistics the targets were normalized with
+        self.device = device
+
+    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
+        return self.cache.loader(data, batch_size, view_size, seed, rank, world)
+
+    def targets(self, batch: Any, resolutions: dict[str, int | None]) -> dict[str, EncoderOutput]:
+        return {n: _to(y, self.device) for n, y in batch.targets.items()}
+
+
+# -- in memory --------------------------------------------------------------------------------------------
+@dataclass
+class ViewBatch:
+    """Views (float, [0,1]) of a fixed set, with their positions in it."""
+
+    views: torch.Tensor
+    index: torch.Tensor
+
+
+class ShuffledViews:
+    """Endless, seeded, rank-sharded, resumable batches of a fixed view set: each epoch a new
+    permutation, the global batch cut into per-rank slices (the same walk as the cache's loader)."""
+
+    def __init__(self, views: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.views, self.batch, self.seed, self.rank, self.world = views, batch_size, seed, rank, world
+        self.pos, self._epoch, self._perm = 0, -1, np.arange(0)
+
+    def _index(self, p: int) -> int:
+        epoch, offset = divmod(p, len(self.views))
+        if epoch != self._epoch:
+            self._epoch, self._perm = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.views)),
+            )
+        return int(self._perm[offset])
+
+    def __iter__(self) -> Iterator[ViewBatch]:
+        return self
+
+    def __next__(self) -> ViewBatch:
+        start = self.pos + self.rank * self.batch
+        index = torch.tensor([self._index(p) for p in range(start, start + self.batch)])
+        self.pos += self.batch * self.world
+        views = self.views[index]
+        return ViewBatch(views.float().div_(255) if views.dtype == torch.uint8 else views, index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"views": len(self.views), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["views"]) != len(self.views):
+            raise EupeError(
+                f"data: {len(self.views)} views now, {state['views']} when the checkpoint was saved"
+            )
+        self.pos = int(state["pos"])
+
+    def stats(self) -> dict[str, Any]:
+        return {"skipped": 0, "examples": [], "epoch": self.pos / len(self.views)}
+
+
+class PrecomputedTargets(TargetSource):
+    """Frozen networks run once over a fixed set of views (uint8 or float in [0,1], [V,3,S,S]);
+    training then draws batches of those views and reads their targets from memory.
+
+    `compute` runs each network over all views and measures TeacherNorm on all of them (the same
+    `measure_norm` as a live run). Patch targets are kept in float16 (unit variance after
+    TeacherNorm), which halves the memory.
+    """
+
+    def __init__(
+        self,
+        views: torch.Tensor,
+        cls: dict[str, torch.Tensor],
+        patches: dict[str, torch.Tensor],
+        grids: dict[str, tuple[int, int]],
+        sides: dict[str, int],
+        norm: TeacherNorm,
+    ):
+        self.views, self.cls, self.patches, self.grids = views, cls, patches, grids
+        self.dims = {n: (int(cls[n].shape[1]), int(patches[n].shape[2])) for n in cls}
+        self.sides, self.norm = dict(sides), norm
+
+    @classmethod
+    def compute(
+        cls,
+        teachers: dict[str, Callable[[torch.Tensor], EncoderOutput]],
+        sides: dict[str, int],
+        views: torch.Tensor,
+        batch: int = 32,
+        progress: bool = True,
+    ) -> PrecomputedTargets:
+        slices = [slice(i, min(len(views), i + batch)) for i in range(0, len(views), batch)]
+
+        def as_float(v: torch.Tensor) -> torch.Tensor:
+            return v.float().div_(255) if v.dtype == torch.uint8 else v
+
+        raw: dict[str, list[EncoderOutput]] = {}
+        bar = tqdm(total=len(slices) * len(teachers), desc="teacher targets", disable=not progress)
+        for name, teacher in teachers.items():
+            raw[name] = []
+            for sl in slices:
+                with torch.inference_mode():
+                    y = teacher(as_float(views[sl]))
+                raw[name].append(
+                    EncoderOutput(y.cls.float().clone(), y.patches.float().clone(), None, tuple(y.grid))
+                )
+                bar.update(1)
+        bar.close()
+        dims = {n: (outs[0].cls.shape[-1], outs[0].patches.shape[-1]) for n, outs in raw.items()}
+        norm = TeacherNorm(dims)
+        # the same measurement as a live run, on exactly these outputs (batch j of every teacher)
+        measure_norm(norm, {n: (lambda j, n=n: raw[n][j]) for n in raw}, range(len(slices)))
+        normed = {n: [norm.normalize(n, y) for y in outs] for n, outs in raw.items()}
+        return cls(
+            views,
+            {n: torch.cat([y.cls for y in ys]) for n, ys in normed.items()},
+            {n: torch.cat([y.patches for y in ys]).half() for n, ys in normed.items()},
+            {n: tuple(raw[n][0].grid) for n in raw},
+            sides,
+            norm,
+        )
+
+    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
+        if view_size > self.views.shape[-1]:
+            raise ConfigError(
+                f"the precomputed views are {self.views.shape[-1]} px; this run needs {view_size} px views"
+            )
+        return ShuffledViews(self.views, batch_size, seed, rank, world)
+
+    def targets(self, batch: Any, resolutions: dict[str, int | None]) -> dict[str, EncoderOutput]:
+        device = batch.views.device
+        i = batch.index
+        return {
+            n: EncoderOutput(
+                self.cls[n][i].to(device), self.patches[n][i].to(device).float(), None, self.grids[n]
+            )
+            for n in self.dims
+        }
+
+
+def targets_from_config(cfg: Any, device: torch.device) -> TargetSource:
+    """The source a config names: the teacher cache when `data.teacher_cache` is set, else live teachers."""
+    return CachedTargets(cfg, device) if cfg.data.teacher_cache else LiveTeachers(cfg, device)
