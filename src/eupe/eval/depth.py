@@ -206,18 +206,7 @@ def depth(
         return sig_loss(pred, gt, with_variance=steps > s.sigloss_warmup)
 
     warmup = round(s.iterations * RELEASE_WARMUP_SHARE) if s.warmup_iters < 0 else s.warmup_iters
-    sched = ProbeSchedule(
-        iterations=s.iterations,
-        batch_size=s.batch_size,
-        schedule=WarmupOneCycle(s.lr, s.iterations, warmup, momentum=(0.85, 0.95)),
-        weight_decay=s.weight_decay,
-        betas=s.betas,
-        grad_clip=s.grad_clip,
-        cache_views=s.cache_views,
-        seed=s.seed,
-        num_workers=s.num_workers,
-        cache_refresh=s.cache_refresh,
-    )
+    sched = ProbeSchedule.from_settings(s, WarmupOneCycle(s.lr, s.iterations, warmup, momentum=(0.85, 0.95)))
     timing = train_probe(m, head, view, len(train), loss, sched, "depth probe")
     n = len(test) if s.max_val_images <= 0 else min(len(test), s.max_val_images)
     rows = []

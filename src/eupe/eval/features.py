@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,17 @@ class ProbeSchedule:
     seed: int = 0
     num_workers: int = 0
     cache_refresh: int = 0  # rebuild the cache with fresh augmentations every this many steps (0: never)
+
+    @classmethod
+    def from_settings(cls, s: Any, schedule: WarmupOneCycle) -> ProbeSchedule:
+        """The schedule of a probe task's settings (seg and depth share these field names)."""
+        names = ("iterations", "batch_size", "weight_decay", "betas", "grad_clip", "cache_views", "seed")
+        return cls(
+            schedule=schedule,
+            num_workers=s.num_workers,
+            cache_refresh=s.cache_refresh,
+            **{n: getattr(s, n) for n in names},
+        )
 
 
 def patch_features(model: EvalModel, images01: torch.Tensor) -> torch.Tensor:

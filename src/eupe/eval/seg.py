@@ -226,18 +226,7 @@ def seg(
     schedule = WarmupOneCycle(
         s.lr, s.iterations, warmup, warmup_ratio=1e-6, final_div_factor=float("inf"), step_offset=1
     )
-    sched = ProbeSchedule(
-        iterations=s.iterations,
-        batch_size=s.batch_size,
-        schedule=schedule,
-        weight_decay=s.weight_decay,
-        betas=s.betas,
-        grad_clip=s.grad_clip,
-        cache_views=s.cache_views,
-        seed=s.seed,
-        num_workers=s.num_workers,
-        cache_refresh=s.cache_refresh,
-    )
+    sched = ProbeSchedule.from_settings(s, schedule)
     timing = train_probe(m, head, _train_view(train, s, m.mean), len(train), seg_loss, sched, "seg probe")
     stride = s.window_stride if s.window_stride > 0 else int(s.resolution * 2 / 3)
     n_val = len(val) if s.max_val_images <= 0 else min(len(val), s.max_val_images)
