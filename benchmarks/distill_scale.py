@@ -117,9 +117,7 @@ def ours(tmp: Path, views: list[torch.Tensor], steps: int) -> list[float]:
     cfg = _config(tmp / f"ours{time.monotonic_ns()}", [f"train.max_steps={steps}"])
     d = T.Distiller(cfg)
     it = iter(views * 100)
-    d._next_batch = lambda: ViewBatch(
-        next(it), torch.arange(BATCH)
-    )  # the same pre-made views as the bare loop
+    d._next_batch = lambda: ViewBatch(next(it))  # the same pre-made views as the bare loop
     with StepClock() as clock:
         d.train()
     return clock.step_times()

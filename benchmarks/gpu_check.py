@@ -97,7 +97,7 @@ def fixed_views(d: Distiller) -> None:
     """Serve one batch of views made on the device, so only the training step is measured."""
     g = torch.Generator().manual_seed(d.rank)
     views = torch.rand(d.micro, 3, d.view_size(), d.view_size(), generator=g).to(d.device)
-    d._next_batch = lambda: ViewBatch(views, torch.arange(d.micro))
+    d._next_batch = lambda: ViewBatch(views)
 
 
 def sync(device: torch.device) -> None:

@@ -26,10 +26,10 @@ def test_knn_is_perfect_on_clustered_features_and_chance_level_on_noise():
     labels = torch.arange(4).repeat_interleave(5)
     centers = torch.eye(4) * 10
     feats = centers[labels] + 0.1 * torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
-    assert B.knn_from_features(feats, labels, k=1) == 1.0
-    assert B.knn_from_features(feats, labels, k=3) == 1.0
+    assert B.leave_one_out_knn(feats, labels, k=1) == 1.0
+    assert B.leave_one_out_knn(feats, labels, k=3) == 1.0
     noise = torch.randn(400, 32, generator=torch.Generator().manual_seed(1))
-    assert B.knn_from_features(noise, torch.arange(4).repeat(100), k=1) < 0.4
+    assert B.leave_one_out_knn(noise, torch.arange(4).repeat(100), k=1) < 0.4
 
 
 def test_pck_is_one_for_unique_features_under_a_pure_translation():

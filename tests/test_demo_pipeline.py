@@ -1,6 +1,7 @@
-"""The demo's precomputed-target training (train.py) and report helpers, on tiny inputs.
+"""The demo's pieces on tiny inputs: views, stage configs, report helpers.
 
-The whole pipeline is `eupe demo --quick` (CI); here: views, targets, a few student steps.
+The whole pipeline is `eupe demo --quick` (CI); every stage trains through `Distiller`
+(tests/test_distill_targets.py covers its precomputed targets and the `views` data source).
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from eupe.demo.bench import encoder_featurizer
-from eupe.demo.pipeline import DemoSettings, claim_check, format_table, quick_settings
-from eupe.demo.train import OnlineTeacher, StageSettings, make_views, teacher_targets, train_student
+from eupe.demo.data import make_views
+from eupe.demo.pipeline import STAGES, claim_check, format_table, load_demo, stage_config
 from eupe.models import create_model
-from eupe.models.encoder import feature_map_to_output
 
 
 def _pool(n: int = 3) -> np.ndarray:
@@ -32,62 +30,44 @@ def test_views_are_a_pure_function_of_the_seed_and_a_prefix_for_a_smaller_pool()
     assert not torch.equal(a, make_views(_pool(3), 2, 32, seed=6, progress=False))
 
 
-def _teacher(x: torch.Tensor):
-    """A fixed 'teacher': 8x8 average-pooled pixels and a constant channel that must not explode."""
-    fmap = torch.cat([F.avg_pool2d(x, 8), torch.zeros_like(x[:, :1, ::8, ::8])], dim=1)
-    return feature_map_to_output(fmap * 4 + 1)
+def test_stage_configs_are_distill_configs_of_the_recipe(tmp_path: Path):
+    """configs/demo/full.yaml: Stages 1/2/3 and the direct ablation as ordinary distill configs."""
+    s, blocks = load_demo()
+    proxy = {"proxy": {"backend": "eupe", "checkpoint": str(tmp_path / "stage1/final"), "resolution": 64}}
+    experts = {
+        "t": {"backend": "timm", "model": "vit_small_patch16_224", "pretrained": False, "resolution": 64}
+    }
+    init = {"student": {"init": str(tmp_path / "stage2/final")}}  # as run_demo sets it for Stage 3
+    cfgs = {
+        n: stage_config(
+            s,
+            blocks[n],
+            tmp_path,
+            n,
+            experts if n in ("stage1", "direct") else proxy,
+            **(init if n == "stage3" else {}),
+        )
+        for n in STAGES
+    }
+    assert {n: c.output_dir for n, c in cfgs.items()} == {n: str(tmp_path / n) for n in STAGES}
+    steps = {n: c.train.max_steps for n, c in cfgs.items()}
+    # the ablation gets exactly the student steps of Stages 1-3 (paper Table 2's comparison)
+    assert steps["direct"] == steps["stage1"] + steps["stage2"] + steps["stage3"]
+    assert cfgs["stage3"].stage == "pyramid" and cfgs["stage3"].pyramid == [64, 96, 128]
+    for c in cfgs.values():
+        (source,) = c.data.sources
+        assert (source.type, source.path) == ("views", str(tmp_path / "views.safetensors"))
+        assert tuple(c.data.augment.crop_scale) == (1.0, 1.0) and c.data.augment.flip_p == 0.0
+        assert c.train.threads == s.threads == 1 and c.train.device == "cpu"
+    assert cfgs["stage1"].students["student"].name == "eupe_vits16"
+    assert cfgs["stage2"].students["student"].mimetic_init
 
 
-def test_targets_are_standardized_over_all_views():
-    views = make_views(_pool(4), 3, 32, seed=0, progress=False)
-    targets, norm = teacher_targets({"t": _teacher}, views, batch=5)
-    t = targets["t"]
-    assert t.cls.shape == (12, 4) and t.patches.shape == (12, 16, 4) and t.grid == (4, 4)
-    live = t.patches.float()[..., :3].reshape(-1, 3)
-    assert torch.allclose(live.mean(0), torch.zeros(3), atol=2e-3)
-    assert torch.allclose(live.std(0), torch.ones(3), atol=2e-2)
-    assert t.patches.float().abs().max() < 100 and bool(norm.frozen)
-
-
-def test_train_student_learns_saves_and_repeats_bit_identically(tmp_path: Path):
-    views = make_views(_pool(4), 2, 32, seed=0, progress=False)
-    targets, _ = teacher_targets({"t": _teacher}, views)
-    s = StageSettings(steps=4, batch=4, lr=1e-3, warmup=1, resolutions=(32, 48), head_dim=16)
-    weights = []
-    for run in ("a", "b"):
-        torch.manual_seed(0)
-        model = create_model("eupe_vitt16")
-        train_student(model, views, targets, s, seed=1, out_dir=tmp_path / run, desc=run)
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(weights[0], weights[1])
-    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
-    assert {r["resolution"] for r in rows} <= {32, 48}
-    loaded = create_model(str(tmp_path / "a" / "final"))
-    assert (tmp_path / "a" / "final" / "heads.safetensors").is_file()
-    assert torch.equal(torch.cat([p.detach().flatten() for p in loaded.parameters()]), weights[0])
-
-
-def test_stage3_teacher_draws_its_own_scale_and_is_normalized_like_stage2(tmp_path: Path):
-    """Paper 3.3: the student and the (frozen, online) teacher pick pyramid scales independently."""
-    views = make_views(_pool(4), 2, 32, seed=0, progress=False)
-    torch.manual_seed(3)
-    proxy = create_model("eupe_vitt16")
-    targets, norm = teacher_targets({"proxy": encoder_featurizer(proxy, 32)}, views)
-    online = OnlineTeacher(proxy, norm, "proxy", (32, 48))
-    assert online.dims == targets["proxy"].dims == (192, 192)
-    idx = torch.tensor([1, 3])
-    y = online.batch(views, idx, 32)  # at the Stage-2 side it reproduces the precomputed targets
-    assert torch.allclose(y.cls, targets["proxy"].cls[idx], atol=1e-5)
-    assert torch.allclose(y.patches, targets["proxy"].patches[idx].float(), atol=2e-2)
-    assert online.batch(views, idx, 48).grid == (3, 3)
-    s = StageSettings(steps=8, batch=2, lr=1e-3, warmup=0, resolutions=(32, 48), head_dim=16)
-    student = create_model("eupe_vitt16")
-    train_student(student, views, {"proxy": online}, s, seed=1, out_dir=tmp_path, desc="s3")
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    pairs = {(r["resolution"], r["teacher_resolution/proxy"]) for r in rows}
-    assert {r for r, _ in pairs} == {32, 48} and {t for _, t in pairs} == {32, 48}
-    assert any(a != b for a, b in pairs)  # drawn independently, not tied to the student's side
+def test_quick_is_the_same_pipeline_on_less():
+    (full, fb), (quick, qb) = load_demo(), load_demo(quick=True)
+    assert quick.pool_size < full.pool_size and quick.threads == full.threads == 1
+    assert all(qb[n]["train"]["max_steps"] < fb[n]["train"]["max_steps"] for n in STAGES)
+    assert qb["stage3"]["pyramid"] == fb["stage3"]["pyramid"]
 
 
 def test_report_table_bolds_the_best_and_checks_the_claim():
@@ -106,12 +86,6 @@ def test_report_table_bolds_the_best_and_checks_the_claim():
     assert "better on 2/3" in lines[-1]
 
 
-def test_quick_is_the_same_pipeline_on_less():
-    full, quick = DemoSettings(), quick_settings()
-    assert quick.pool_size < full.pool_size and sum(quick.steps) < sum(full.steps)
-    assert quick.threads == full.threads == 1 and quick.pyramid == full.pyramid
-
-
 def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
     from eupe.demo.pipeline import fit_summary
 
@@ -125,7 +99,7 @@ def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
 
 
 def test_heldout_cosine_scores_the_heads_against_normalized_targets():
-    from eupe.demo.train import heldout_cosine
+    from eupe.demo.pipeline import heldout_cosine
     from eupe.models.encoder import EncoderOutput
     from eupe.models.heads import TeacherHeads
 

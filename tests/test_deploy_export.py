@@ -46,7 +46,7 @@ def exported(models, tmp_path_factory):
 
     def get(name: str, fmt: str):
         if (name, fmt) not in cache:
-            cache[name, fmt] = export_model(models[name], fmt, SIZE, output=root / f"{name}.{fmt}")
+            cache[name, fmt] = export_model(models[name], fmt, size=SIZE, output=root / f"{name}.{fmt}")
         return cache[name, fmt]
 
     return get
@@ -108,7 +108,7 @@ def test_onnx_dynamic_vit_runs_other_sizes(tmp_path):
     import onnxruntime as ort
 
     model = _model("eupe_vitt16", depth=1)
-    result = export_model(model, "onnx", SIZE, output=tmp_path / "d.onnx", dynamic=True)
+    result = export_model(model, "onnx", size=SIZE, output=tmp_path / "d.onnx", dynamic=True)
     assert result.info["dynamic"]["enabled"] and result.info["input"]["shape"][0] == "batch"
     session = ort.InferenceSession(str(result.artifact), providers=["CPUExecutionProvider"])
     x = torch.randn(3, 3, 48, 96)
@@ -119,7 +119,9 @@ def test_onnx_dynamic_vit_runs_other_sizes(tmp_path):
 
 def test_pt2_dynamic_vit_fails_clearly(tmp_path):
     with pytest.raises(EupeError, match="RoPE patch grid.*--format onnx --dynamic"):
-        export_model(_model("eupe_vitt16", depth=1), "pt2", SIZE, output=tmp_path / "d.pt2", dynamic=True)
+        export_model(
+            _model("eupe_vitt16", depth=1), "pt2", size=SIZE, output=tmp_path / "d.pt2", dynamic=True
+        )
     assert not (tmp_path / "d.pt2").exists()
 
 
@@ -140,24 +142,24 @@ class _ZetaEncoder(torch.nn.Module):
 
 def test_unsupported_op_names_the_op(tmp_path):
     with pytest.raises(EupeError, match=r"zeta_encoder to onnx: operator \S*zeta\S* is not supported"):
-        export_model(_ZetaEncoder(), "onnx", 32, output=tmp_path / "z.onnx")
+        export_model(_ZetaEncoder(), "onnx", size=32, output=tmp_path / "z.onnx")
 
 
 def test_verification_failure_reports_difference_and_removes_artifact(tmp_path):
     model = _model("eupe_vitt16", depth=1)
     with pytest.raises(EupeError, match=r"does not match eager fp32: max abs diff cls=.* > 1e-12"):
-        export_model(model, "onnx", 32, output=tmp_path / "t.onnx", tolerance=1e-12)
+        export_model(model, "onnx", size=32, output=tmp_path / "t.onnx", tolerance=1e-12)
     assert not (tmp_path / "t.onnx").exists()
 
 
 def test_bad_arguments(models, tmp_path):
     vit = models["eupe_vitt16"]
     with pytest.raises(EupeError, match="not a positive multiple of the stride 16; try 64"):
-        export_model(vit, "onnx", 70, output=tmp_path / "x.onnx")
+        export_model(vit, "onnx", size=70, output=tmp_path / "x.onnx")
     with pytest.raises(EupeError, match="executorch .* only"):
-        export_model(vit, "onnx", 64, quantize="int8", output=tmp_path / "x.onnx")
+        export_model(vit, "onnx", size=64, quantize="int8", output=tmp_path / "x.onnx")
     with pytest.raises(EupeError, match="unknown export format 'tflite'"):
-        export_model(vit, "tflite", 64)
+        export_model(vit, "tflite", size=64)
 
 
 @needs_executorch
@@ -166,7 +168,7 @@ def test_bad_arguments(models, tmp_path):
 )
 def test_executorch_xnnpack_round_trip(tmp_path, name, overrides):
     model = _model(name, **overrides)
-    result = export_model(model, "executorch", SIZE, output=tmp_path / "m.pte")
+    result = export_model(model, "executorch", size=SIZE, output=tmp_path / "m.pte")
     assert result.max_abs_diff <= 1e-4 and result.artifact.read_bytes()[4:8] == b"ET12"
     info = result.info
     assert "XNNPACK" in info["runtime"] and info["versions"]["executorch"]
@@ -178,7 +180,7 @@ def test_executorch_xnnpack_round_trip(tmp_path, name, overrides):
 def test_executorch_int8_reports_cosine(tmp_path):
     model = _model("eupe_convnext_tiny", depths=(1, 1, 1, 1))
     result = export_model(
-        model, "executorch", SIZE, output=tmp_path / "q.pte", quantize="int8", calibration=2
+        model, "executorch", size=SIZE, output=tmp_path / "q.pte", quantize="int8", calibration=2
     )
     quant = result.info["quantization"]
     assert set(quant["cosine_to_fp32"]) == {"cls", "patches"} and "PT2E" in quant["scheme"]

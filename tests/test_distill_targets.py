@@ -3,12 +3,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from eupe.distill.config import load_config
 from eupe.distill.norm import measure_norm
-from eupe.distill.targets import LiveTeachers, PrecomputedTargets, ShuffledViews, ViewBatch
+from eupe.distill.targets import LiveTeachers, PrecomputedTargets, ViewBatch
 from eupe.distill.trainer import Distiller
 from eupe.models import TeacherNorm
 
@@ -42,7 +43,7 @@ def test_precomputed_targets_are_the_live_teachers_normalized(tmp_path):
     assert all(
         torch.allclose(a, b) for a, b in zip(norm.state_dict().values(), pre.norm.state_dict().values())
     )
-    batch = ViewBatch(_views()[[3, 7]].float() / 255, torch.tensor([3, 7]))
+    batch = ViewBatch(_views()[[3, 7]].float() / 255, [{"source": 0, "index": 3}, {"source": 0, "index": 7}])
     got = pre.targets(batch, {})
     for name, teacher in live.teachers.items():
         want = pre.norm.normalize(name, teacher(batch.views))
@@ -51,26 +52,19 @@ def test_precomputed_targets_are_the_live_teachers_normalized(tmp_path):
         assert tuple(got[name].grid) == tuple(want.grid)
 
 
-def test_shuffled_views_walk_every_view_once_per_epoch_and_resume():
-    views = torch.arange(10).view(10, 1, 1, 1).float()
-    a = ShuffledViews(views, batch_size=5, seed=3)
-    first = [next(a).index.tolist() for _ in range(2)]
-    assert sorted(first[0] + first[1]) == list(range(10))
-    state = a.state_dict()
-    later = [next(a).index.tolist() for _ in range(3)]
-    b = ShuffledViews(views, batch_size=5, seed=3)
-    b.load_state_dict(state)
-    assert [next(b).index.tolist() for _ in range(3)] == later
-    ranks = [ShuffledViews(views, batch_size=2, seed=3, rank=r, world=2) for r in (0, 1)]
-    one = ShuffledViews(views, batch_size=4, seed=3)
-    assert next(ranks[0]).index.tolist() + next(ranks[1]).index.tolist() == next(one).index.tolist()
-
-
 def test_distiller_trains_from_precomputed_targets_and_resumes_exactly(tmp_path):
+    """The views reach the run as a `views` data source; their targets come from memory by index."""
+    views = tmp_path / "views.safetensors"
+    save_file({"views": _views()}, str(views))
+    data = [
+        f"data.sources=[{{name: fixed, type: views, path: {views}}}]",
+        "data.augment={crop_scale: [1.0, 1.0], crop_ratio: [1.0, 1.0], flip_p: 0.0, jitter_p: 0.0, "
+        "blur_p: 0.0, solarize_p: 0.0}",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     runs = {}
     for out in (full, cut):
-        cfg = load_config(REPO / "configs/tiny/stage1.yaml", [f"output_dir={out}", *ARGS])
+        cfg = load_config(REPO / "configs/tiny/stage1.yaml", [f"output_dir={out}", *ARGS, *data])
         runs[out] = cfg
         Distiller(cfg, source=_precomputed(cfg)[0]).train()
     assert len((full / "metrics.jsonl").read_text().splitlines()) == 4
@@ -84,3 +78,14 @@ def test_distiller_trains_from_precomputed_targets_and_resumes_exactly(tmp_path)
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     assert losses(cut) == losses(full)
+
+
+def test_the_views_source_gives_the_views_back(tmp_path):
+    from eupe.data import open_sources
+    from eupe.data.config import DataConfig, SourceSpec
+
+    path = tmp_path / "v.safetensors"
+    save_file({"views": _views(5)}, str(path))
+    (source,) = open_sources(DataConfig(sources=[SourceSpec(name="v", type="views", path=str(path))]))
+    assert len(source) == 5
+    assert torch.equal(torch.from_numpy(np.asarray(source.load(3))).permute(2, 0, 1), _views(5)[3])

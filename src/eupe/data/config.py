@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
-SOURCE_TYPES = ("folder", "filelist", "tar", "synthetic")
+SOURCE_TYPES = ("folder", "filelist", "tar", "synthetic", "views")
 
 
 @dataclass
@@ -19,7 +19,8 @@ class SourceSpec:
 
     type: "folder" (recursive image folder; class subfolders optional), "filelist" (a text file,
         one image path per line, relative to the list's folder), "tar" (webdataset-style shards:
-        a .tar file, a folder of .tar files, or a glob), "synthetic" (generated from the seed).
+        a .tar file, a folder of .tar files, or a glob), "synthetic" (generated from the seed),
+        "views" (ready-made views: a safetensors file with a uint8 `views` tensor [N,3,H,W]).
     curated: batches drawn with probability `DataConfig.curated_prob` come only from curated
         sources (the paper's ImageNet share); all other batches come from the non-curated pool.
     size / image_size: number and side of synthetic images (ignored by other types).

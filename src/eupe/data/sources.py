@@ -194,6 +194,41 @@ class SyntheticSource(Source):
         return Image.fromarray(synthetic_image(self.seed, index, self.spec.image_size))
 
 
+class ViewsSource(Source):
+    """A fixed set of ready-made views: a safetensors file whose `views` tensor is uint8 [N,3,H,W].
+
+    For runs whose targets were computed once for exactly these views (`PrecomputedTargets`, the
+    demo); pair it with an augmentation that keeps the view whole (crop_scale [1, 1], no flips).
+    """
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        from safetensors import safe_open
+
+        try:
+            with safe_open(spec.path, "pt") as f:
+                shape = f.get_slice("views").get_shape()
+        except Exception as e:
+            raise ConfigError(
+                f"data source {spec.name!r}: {spec.path!r} is not a safetensors file with a `views` "
+                f"tensor ({type(e).__name__})"
+            ) from None
+        self._keys = [f"view/{i:07d}" for i in range(int(shape[0]))]
+        self._views = None
+
+    @property
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def load(self, index: int) -> Image.Image:
+        if self._views is None:  # opened lazily: once per DataLoader worker, memory-mapped
+            from safetensors import safe_open
+
+            self._views = safe_open(self.spec.path, "pt")
+        view = self._views.get_slice("views")[index]
+        return Image.fromarray(view.permute(1, 2, 0).contiguous().numpy())
+
+
 def synthetic_image(seed: int, index: int, size: int) -> np.ndarray:
     """A [size, size, 3] uint8 image: a colour gradient, a few rectangles/ellipses, light noise."""
     rng = np.random.default_rng([seed, index, 0x5EED])
@@ -218,7 +253,7 @@ def synthetic_image(seed: int, index: int, size: int) -> np.ndarray:
 
 def open_source(spec: SourceSpec, seed: int = 0, min_side: int = 0) -> Source:
     """Index one configured source (ConfigError when it is missing or holds no images)."""
-    kinds = {"folder": FolderSource, "filelist": FileListSource, "tar": TarSource}
+    kinds = {"folder": FolderSource, "filelist": FileListSource, "tar": TarSource, "views": ViewsSource}
     if spec.type == "synthetic":
         source: Source = SyntheticSource(spec, seed)
     elif spec.type in kinds:

@@ -5,7 +5,7 @@ student with `encoder_featurizer`). Each benchmark only reads `cls` or the patch
 of any width and stride (EfficientNet at stride 32, the OCR neck at stride 16, ViTs at 16) are
 measured the same way.
 
-- `knn_accuracy`: leave-one-out k-NN (cosine on `cls`) over the held-out Tux Paint cut-outs.
+- `knn_accuracy`: leave-one-out k-NN (the eval suite's release rule on `cls`) over the held-out Tux Paint cut-outs.
 - `text_iou`: a linear text probe on frozen patch tokens (trained on one text set, tested on
   another), IoU of predicted text pixels vs the exact masks, at `eval_side` resolution.
 - `pck`: dense correspondence by nearest-neighbour patch matching between an image and its warp;
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..eval.knn import vote_release
 from ..models.encoder import EncoderOutput
-from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..models.preprocess import Normalize, resize
 from .data import correspondences
 
 Featurizer = Callable[[torch.Tensor], EncoderOutput]
@@ -29,14 +30,13 @@ Featurizer = Callable[[torch.Tensor], EncoderOutput]
 
 def encoder_featurizer(encoder: torch.nn.Module, resolution: int | None = None) -> Featurizer:
     """An `eupe` Encoder (ImageNet-normalized input) as a featurizer, optionally resizing to `resolution`."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    normalize = Normalize()
 
     @torch.inference_mode()
     def run(images01: torch.Tensor) -> EncoderOutput:
-        if resolution is not None and images01.shape[-2:] != (resolution, resolution):
-            images01 = F.interpolate(images01, size=(resolution, resolution), mode="bicubic", antialias=True)
-        return encoder.eval()((images01.clamp(0, 1) - mean) / std)
+        if resolution is not None:
+            images01 = resize(images01.clamp(0, 1), resolution)
+        return encoder.eval()(normalize(images01.clamp(0, 1)))
 
     return run
 
@@ -66,19 +66,21 @@ def embed(
 
 # --- semantic: k-NN ------------------------------------------------------------------------------
 def knn_accuracy(model: Featurizer, images: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Leave-one-out k-NN accuracy (cosine on cls, similarity-weighted vote; k=1 is plain 1-NN)."""
+    """Leave-one-out k-NN accuracy on the cls token (`leave_one_out_knn`)."""
     cls, _, _ = embed(model, images)
-    return knn_from_features(cls, torch.as_tensor(labels), k)
+    return leave_one_out_knn(cls, torch.as_tensor(labels), k)
 
 
-def knn_from_features(feats: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+def leave_one_out_knn(feats: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Every image classified by the other images: the release's k-NN rule (`eupe.eval.knn`:
+    cosine top-k, votes weighted by exp(sim / 0.07)) with the image itself left out of its
+    neighbours (the demo's benchmark set has no separate train split)."""
     f = F.normalize(feats.float(), dim=1)
     sim = f @ f.T
     sim.fill_diagonal_(float("-inf"))
     top_sim, top_idx = sim.topk(k, dim=1)
-    votes = torch.zeros(len(f), int(labels.max()) + 1)
-    votes.scatter_add_(1, labels[top_idx], top_sim.exp())
-    return float((votes.argmax(1) == labels).float().mean())
+    pred = vote_release(top_sim, labels[top_idx], k, int(labels.max()) + 1)
+    return float((pred == labels).float().mean())
 
 
 # --- text: linear probe on patch tokens ------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -124,6 +125,21 @@ def training_pool(
     out = np.empty((n, settings.size, settings.size, 3), dtype=np.uint8)
     for i in tqdm(range(n), desc="demo pool", disable=not progress, leave=False):
         out[i] = pool_image(splits, i, seed, settings, fonts)
+    return out
+
+
+def make_views(pool: np.ndarray, k: int, size: int, seed: int, progress: bool = True) -> torch.Tensor:
+    """K random-resized-crop + flip views of every pool image: uint8 [N*K, 3, size, size].
+
+    View j of image i depends only on (seed, i, j), so a smaller pool's views are a prefix.
+    """
+    out = torch.empty((len(pool) * k, 3, size, size), dtype=torch.uint8)
+    for i in tqdm(range(len(pool)), desc="demo views", disable=not progress, leave=False):
+        img = Image.fromarray(pool[i])
+        for j in range(k):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, 7, i, j]))
+            crop = np.asarray(random_crop(img, size, rng, min_area=0.35))
+            out[i * k + j] = torch.from_numpy(crop.copy()).permute(2, 0, 1)
     return out
 
 

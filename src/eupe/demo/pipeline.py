@@ -1,15 +1,19 @@
 """`eupe demo`: the EUPE recipe in miniature, on a 2-core CPU, from one seed.
 
-    data -> views -> expert targets (once) -> Stage 1 (EfficientNet-Lite0 + PP-OCRv4 det -> ViT-S
-    proxy) -> proxy targets (once) -> Stage 2 (proxy -> ViT-T, fixed resolution) -> Stage 3
-    (multi-resolution) ; ablation: both experts -> ViT-T directly with Stages 1+2+3's steps ;
+    data -> fixed views -> Stage 1 (EfficientNet-Lite0 + PP-OCRv4 det -> ViT-S proxy) -> Stage 2
+    (proxy -> ViT-T, fixed resolution) -> Stage 3 (multi-resolution, the proxy online) ;
+    ablation: both experts -> ViT-T directly with Stages 1+2+3's steps ;
     the three demo benchmarks for all five models -> results.json, report.md, figures.
 
-Teachers run once over a fixed set of K augmented views per pool image and every stage trains
-from those targets (`train.py`: the demo's precomputed-target pass). Torch and onnxruntime run
-on one thread: on a loaded 2-core box small-tensor work is many times slower with two, and
-EfficientNet's outputs change with the thread count, so one thread is also what makes a re-run
-print the same table.
+Every stage is an ordinary `eupe distill` run through the trainer (`Distiller`), configured by
+configs/demo/{full,quick}.yaml, written to <output-dir>/<stage>/ (config.yaml, metrics.jsonl,
+checkpoints/, final/): `eupe eval` reads its final/ and `eupe distill --resume` accepts it. The
+training views are a fixed set, K augmented views per pool image, stored once as a `views` data
+source (views.safetensors). The frozen teachers of Stages 1, 2 and the ablation run once over
+them (`PrecomputedTargets`); Stage 3's proxy runs live at its own drawn scale (paper 3.3) through
+the `eupe` teacher backend. Torch and onnxruntime run on one thread: on a loaded 2-core box
+small-tensor work is many times slower with two, and EfficientNet's outputs change with the thread
+count, so one thread is also what makes a re-run print the same table.
 """
 
 from __future__ import annotations
@@ -19,15 +23,24 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..distill.config import DistillConfig, load_config, read_yaml
+from ..distill.loss import teacher_loss
+from ..distill.targets import LiveTeachers, PrecomputedTargets
+from ..distill.trainer import Distiller
 from ..errors import ConfigError, EupeError
+from ..models import create_model
+from ..models.encoder import EncoderOutput
+from ..models.heads import TeacherHeads
 from . import bench, figures
 from . import data as D
 from .assets import make_splits
@@ -38,33 +51,26 @@ from .experts import (
     effnet_teacher_spec,
     ocr_teacher_spec,
 )
-from .train import OnlineTeacher, StageSettings, heldout_cosine, make_views, teacher_targets, train_student
 
 MODEL_NAMES = ("teacher_effnet", "teacher_ocr", "proxy", "eupe_vitt16", "direct_vitt16")
 METRICS = ("knn", "text_iou", "pck")
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"  # configs/demo, linked into the package
+STAGES = ("stage1", "stage2", "stage3", "direct")
+
+
 @dataclass
 class DemoSettings:
-    """Every number of a demo run (saved to demo_settings.json in the output folder)."""
+    """The demo's data and benchmark numbers (the `demo:` block of configs/demo/*.yaml; saved to
+    demo_settings.json). The training numbers are the stages' distill configs."""
 
     seed: int = 0
     pool_size: int = 800
     views_per_image: int = 2
     view_side: int = 192
-    effnet_resolution: int = 160  # teacher targets; multiple of 32
-    ocr_resolution: int = 192  # multiple of 16 (12x12 grid)
-    proxy: str = "eupe_vits16"
-    proxy_resolution: int = 64
-    student: str = "eupe_vitt16"
-    student_resolution: int = 64
-    pyramid: list[int] = field(default_factory=lambda: [64, 96, 128])  # the paper's 1x, 1.5x, 2x
-    steps: tuple[int, int, int] = (160, 200, 40)  # Stages 1, 2, 3; the direct ablation gets the sum
-    batch: int = 32
-    lr: float = 1e-3
-    warmup: int = 20
-    head_dim: int = 1024  # adapter-head hidden width (paper: 1536 / 3072); 256 is compared in docs/demo.md
-    mimetic_students: bool = True  # mimetic attention init for both ViT-T students (not the proxy)
+    effnet_resolution: int = 160  # the experts' sides for training targets (a multiple of 32)
+    ocr_resolution: int = 192  # (a multiple of 16: a 12x12 grid); the benchmarks use their native sides
     threads: int = 1
     eval_resolution: int = 224  # students' input side in the benchmarks (teachers: their native side)
     bench_side: int = 224  # benchmark images
@@ -74,17 +80,16 @@ class DemoSettings:
     homographies: int = 16
 
 
-def quick_settings() -> DemoSettings:
-    """`--quick`: the same pipeline on less data and fewer steps (CI smoke run, < 2 minutes)."""
-    return DemoSettings(
-        pool_size=48,
-        steps=(12, 12, 6),
-        batch=8,
-        text_train=24,
-        text_test=12,
-        homographies=6,
-        eval_resolution=128,  # the ViT-S proxy at 224 alone would take ~35 s of the 2 minutes
-    )
+def load_demo(quick: bool = False) -> tuple[DemoSettings, dict[str, Any]]:
+    """configs/demo/full.yaml (or quick.yaml): the settings and each stage's distill config block."""
+    path = CONFIGS / ("quick.yaml" if quick else "full.yaml")
+    raw = read_yaml(path)
+    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DemoSettings), raw.get("demo", {})))
+    stages = raw.get("stages", {})
+    missing = [n for n in STAGES if n not in stages]
+    if missing:
+        raise ConfigError(f"{path}: `stages` lacks {missing}")
+    return settings, {n: OmegaConf.to_container(stages[n], resolve=True) for n in STAGES}
 
 
 def _images_and_regions(text_set: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +179,21 @@ def fit_summary(out: Path, last: int = 10) -> list[str]:
     return lines
 
 
+@torch.no_grad()
+def heldout_cosine(
+    out: EncoderOutput, heads: TeacherHeads, target: EncoderOutput, name: str
+) -> dict[str, float]:
+    """How well a student's adapter head for teacher `name` predicts its normalized `target`.
+
+    `out` is the student's output on the same images. Mean cosine similarity, cls and patches (the
+    training loss's terms as similarities). On training views vs held-out images it separates "not
+    fitted yet" (both low) from "fitted the pool but does not generalize" (train high, held-out low).
+    """
+    z_cls, z_patch = heads(out, [name])[name]
+    terms = teacher_loss(z_cls, z_patch, tuple(out.grid), target.cls, target.patches, tuple(target.grid))
+    return {"cls_cos_sim": 1.0 - float(terms["cls_cos"]), "patch_cos_sim": 1.0 - float(terms["patch_cos"])}
+
+
 def expert_fit(
     students: dict[str, tuple[torch.nn.Module, int, Path]],
     experts: dict[str, Any],
@@ -182,8 +202,6 @@ def expert_fit(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """students[name] = (model, training side, stage folder): how well its adapter heads predict each
     expert on training views vs held-out images (`heldout_cosine`), {student: {expert/set: sims}}."""
-    from ..models.heads import TeacherHeads
-
     with torch.inference_mode():  # each expert runs once per image set, for every student
         targets = {
             (expert, where): norm.normalize(expert, fn(images))
@@ -224,7 +242,7 @@ def _report(out: Path, results: dict[str, Any], details: dict[str, Any]) -> None
         "text IoU: linear probe on frozen patch tokens, text-line regions at 56x56.",
         "PCK@0.1: nearest-patch matching, pooled over random homography warps of held-out photos",
         "and graf1->graf3 (also shown apart). Teachers run at their native side "
-        f"({EFFNET_RESOLUTION}/{OCR_RESOLUTION} px), students at {details['settings']['eval_resolution']} px.",
+        f"({EFFNET_RESOLUTION}/{OCR_RESOLUTION} px), students at {details['settings']['demo']['eval_resolution']} px.",
         "",
         "## The paper's claim in miniature",
         "",
@@ -261,8 +279,10 @@ def _report(out: Path, results: dict[str, Any], details: dict[str, Any]) -> None
         "",
         "## Settings",
         "",
+        "Data and benchmarks (each stage's full distill config is its `<stage>/config.yaml`):",
+        "",
         "```",
-        json.dumps(details["settings"]),
+        json.dumps(details["settings"]["demo"]),
         "```",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -283,29 +303,44 @@ def _machine(s: DemoSettings) -> dict[str, Any]:
     }
 
 
-def fresh_model(name: str, seed: int, mimetic: bool) -> torch.nn.Module:
-    """A from-scratch ViT, seeded; with mimetic attention init it learns far faster in a short run."""
-    from ..models import create_model, mimetic_init_
+def stage_config(
+    s: DemoSettings, block: dict[str, Any], out: Path, name: str, teachers: dict[str, Any], **extra: Any
+) -> DistillConfig:
+    """One stage's distill config: its block of configs/demo/*.yaml plus what this run decides
+    (output folder, the fixed views as data kept whole, the teachers, Stage 3's student.init)."""
+    data = {
+        "sources": [{"name": "demo_views", "type": "views", "path": str(out / "views.safetensors")}],
+        "augment": {
+            "crop_scale": [1.0, 1.0],
+            "crop_ratio": [1.0, 1.0],
+            "flip_p": 0.0,
+            "jitter_p": 0.0,
+            "blur_p": 0.0,
+            "solarize_p": 0.0,
+        },
+        "num_workers": 0,
+    }
+    mapping = OmegaConf.merge(block, {"teachers": teachers, "data": data, **extra})
+    return load_config(None, [f"output_dir={out / name}", f"train.threads={s.threads}"], mapping=mapping)
 
-    torch.manual_seed(seed)
-    model = create_model(name)
-    return mimetic_init_(model) if mimetic else model
+
+def expert_specs(s: DemoSettings, out: Path) -> dict[str, Any]:
+    """The two experts as teacher specs (the converted EfficientNet weights live in out/experts)."""
+    weights = convert_effnet_lite0(out / "experts" / "effnet_lite0.safetensors")
+    ocr = _spec_dict(ocr_teacher_spec(), s.ocr_resolution)
+    ocr["kwargs"]["threads"] = s.threads
+    return {"effnet": _spec_dict(effnet_teacher_spec(weights), s.effnet_resolution), "ocr": ocr}
 
 
-def _direct_job(s: DemoSettings, views: torch.Tensor, targets: dict, stage: StageSettings, out: Path) -> None:
+def _direct_job(cfg: DistillConfig, source: PrecomputedTargets, out: Path) -> None:
     """The ablation (both experts -> ViT-T directly), in its own single-thread process."""
-    set_threads(s.threads)
+    set_threads(cfg.train.threads)
     t = time.perf_counter()
-    direct = fresh_model(s.student, s.seed + 2, s.mimetic_students)  # the same init as Stage 2's student
-    train_student(
-        direct, views, targets, stage, s.seed + 4, out / "direct", "direct: experts -> ViT-T", position=1
-    )
+    Distiller(cfg, source=source).train()
     (out / "direct" / "time.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t, 1)}))
 
 
-def _start_direct(
-    s: DemoSettings, views: torch.Tensor, targets: dict, stage: StageSettings, out: Path
-) -> Any:
+def _start_direct(cfg: DistillConfig, source: PrecomputedTargets, out: Path) -> Any:
     """Run the direct ablation beside Stages 1-3: two single-thread processes use both cores.
 
     Each process is single-threaded with its own seeds, so the result does not depend on the
@@ -313,16 +348,12 @@ def _start_direct(
     """
     import multiprocessing as mp
 
-    job = mp.get_context("fork").Process(
-        target=_direct_job, args=(s, views, targets, stage, out), daemon=True
-    )
+    job = mp.get_context("fork").Process(target=_direct_job, args=(cfg, source, out), daemon=True)
     job.start()
     return job
 
 
 def _join_direct(job: Any, out: Path) -> torch.nn.Module:
-    from ..models import create_model
-
     job.join()
     if job.exitcode != 0:
         raise EupeError(
@@ -331,11 +362,9 @@ def _join_direct(job: Any, out: Path) -> torch.nn.Module:
     return create_model(str(out / "direct" / "final"))
 
 
-def run_demo(output_dir: str | os.PathLike = "demo-output", quick: bool = False) -> dict[str, Any]:
+def run_demo(output_dir: str | os.PathLike = "demo-output", *, quick: bool = False) -> dict[str, Any]:
     """Run the whole demo into `output_dir`; returns the results.json content."""
-    from ..teachers import build_teacher_from_spec
-
-    s = quick_settings() if quick else DemoSettings()
+    s, blocks = load_demo(quick)
     out = Path(output_dir)
     if (out / "results.json").exists() or (out / "stage1").exists():
         raise ConfigError(f"output_dir={str(out)!r} already holds a demo run; pick another --output-dir")
@@ -351,10 +380,11 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", quick: bool = False)
         timings[name] = round(now - since, 1)
         return now
 
-    # data: the pool, its views, the benchmark sets (all pure functions of the seed)
+    # data: the pool, its views (a `views` data source), the benchmark sets (pure functions of the seed)
     splits = make_splits(s.seed)
     pool = D.training_pool(splits, s.pool_size, s.seed, D.PoolSettings(size=224))
-    views = make_views(pool, s.views_per_image, s.view_side, s.seed)
+    views = D.make_views(pool, s.views_per_image, s.view_side, s.seed)
+    save_file({"views": views}, str(out / "views.safetensors"))
     side = s.bench_side
     sets = {
         "knn": D.knn_set(splits, side),
@@ -363,60 +393,42 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", quick: bool = False)
         "homography": D.homography_set(splits, s.homographies, s.seed, size=side),
         "graf": D.graf_pair(320, 256),
     }
-    weights = convert_effnet_lite0(out / "experts" / "effnet_lite0.safetensors")
-    ocr_spec = _spec_dict(ocr_teacher_spec(), OCR_RESOLUTION)
-    ocr_spec["kwargs"]["threads"] = s.threads
-    experts = {
-        "effnet": build_teacher_from_spec(
-            "effnet", _spec_dict(effnet_teacher_spec(weights), EFFNET_RESOLUTION), seed=s.seed
-        ),
-        "ocr": build_teacher_from_spec("ocr", ocr_spec, seed=s.seed),
-    }
+    stage1 = stage_config(s, blocks["stage1"], out, "stage1", expert_specs(s, out))
+    # the ablation trains in a second process without a bar of its own (the evaluations bar waits for it)
+    direct_cfg = stage_config(
+        s, blocks["direct"], out, "direct", dict(stage1.teachers), train={"progress": False}
+    )
+    experts = LiveTeachers(stage1, torch.device("cpu")).teachers
     t = lap("data", t0)
 
     # the experts run once, over every view, at their training-target sides
-    expert_fns = {
-        "effnet": lambda x: experts["effnet"](x, resolution=s.effnet_resolution),
-        "ocr": lambda x: experts["ocr"](x, resolution=s.ocr_resolution),
-    }
-    expert_targets, expert_norm = teacher_targets(expert_fns, views, desc="expert targets (once)")
-    expert_norm.save(out / "experts")
+    sides = {"effnet": s.effnet_resolution, "ocr": s.ocr_resolution}
+    expert_targets = PrecomputedTargets.compute(experts, sides, views)
     t = lap("expert_targets", t)
 
-    s1, s2, s3 = s.steps
-    base = dict(batch=s.batch, lr=s.lr, warmup=s.warmup, head_dim=s.head_dim)
-    direct_stage = StageSettings(steps=s1 + s2 + s3, resolutions=(s.student_resolution,), **base)
-    job = _start_direct(s, views, expert_targets, direct_stage, out)
-    proxy = fresh_model(s.proxy, s.seed, mimetic=False)
-    train_student(
-        proxy, views, expert_targets, StageSettings(steps=s1, resolutions=(s.proxy_resolution,), **base),
-        s.seed + 1, out / "stage1", "stage 1: experts -> proxy",
-    )  # fmt: skip
+    job = _start_direct(direct_cfg, expert_targets, out)
+    Distiller(stage1, source=expert_targets).train()
     t = lap("stage1", t)
 
-    proxy_fn = bench.encoder_featurizer(proxy, s.proxy_resolution)
-    proxy_targets, proxy_norm = teacher_targets({"proxy": proxy_fn}, views, desc="proxy targets (once)")
-    proxy_norm.save(out / "stage1" / "final")
+    proxy_teacher = {
+        "proxy": {"backend": "eupe", "checkpoint": str(out / "stage1" / "final"), "resolution": 64}
+    }
+    stage2 = stage_config(s, blocks["stage2"], out, "stage2", proxy_teacher)
+    proxy = LiveTeachers(stage2, torch.device("cpu"))
+    proxy_targets = PrecomputedTargets.compute(proxy.teachers, proxy.sides, views)
     t = lap("proxy_targets", t)
-
-    student = fresh_model(s.student, s.seed + 2, s.mimetic_students)
-    student, heads = train_student(
-        student, views, proxy_targets, StageSettings(steps=s2, resolutions=(s.student_resolution,), **base),
-        s.seed + 2, out / "stage2", "stage 2: proxy -> ViT-T",
-    )  # fmt: skip
+    Distiller(stage2, source=proxy_targets).train()
     t = lap("stage2", t)
-    online_proxy = {"proxy": OnlineTeacher(proxy, proxy_norm, "proxy", tuple(s.pyramid))}
-    train_student(
-        student, views, online_proxy,
-        StageSettings(steps=s3, resolutions=tuple(s.pyramid), **{**base, "warmup": 0}),
-        s.seed + 3, out / "stage3", "stage 3: multi-resolution", heads=heads,
-    )  # fmt: skip
+    student_init = {"student": {"init": str(out / "stage2" / "final")}}
+    Distiller(stage_config(s, blocks["stage3"], out, "stage3", proxy_teacher, **student_init)).train()
     t = lap("stage3", t)
 
-    models: dict[str, bench.Featurizer] = {
-        "teacher_effnet": experts["effnet"],
-        "teacher_ocr": experts["ocr"],
-        "proxy": bench.encoder_featurizer(proxy, s.eval_resolution),
+    proxy_model = create_model(str(out / "stage1" / "final"))
+    student = create_model(str(out / "stage3" / "final"))
+    models: dict[str, bench.Featurizer] = {  # teachers at their native sides
+        "teacher_effnet": lambda x: experts["effnet"](x, EFFNET_RESOLUTION),
+        "teacher_ocr": lambda x: experts["ocr"](x, OCR_RESOLUTION),
+        "proxy": bench.encoder_featurizer(proxy_model, s.eval_resolution),
         "eupe_vitt16": bench.encoder_featurizer(student, s.eval_resolution),
     }
     scores = {}
@@ -432,22 +444,20 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", quick: bool = False)
         scores[name] = evaluate(models[name], sets, s)
     generalization = expert_fit(
         {
-            "proxy": (proxy, s.proxy_resolution, out / "stage1"),
-            "direct_vitt16": (direct, s.student_resolution, out / "direct"),
+            "proxy": (proxy_model, stage1.students["student"].resolution, out / "stage1"),
+            "direct_vitt16": (direct, direct_cfg.students["student"].resolution, out / "direct"),
         },
-        expert_fns,
-        expert_norm,
+        experts,
+        expert_targets.norm,
         {
-            "training views": views[: 4 * s.batch].float().div(255),
+            "training views": views[:128].float().div(255),
             "kNN cut-outs": bench.to01(sets["knn"][0]),
             "text photos": bench.to01(sets["text_test"][0]),
         },
     )
     t = lap("evaluations", t)
 
-    figures.loss_curves(
-        {n: out / n for n in ("stage1", "stage2", "stage3", "direct")}, out / "loss_curves.png"
-    )
+    figures.loss_curves({n: out / n for n in STAGES}, out / "loss_curves.png")
     figures.radar({n: {m: r[m] for m in METRICS} for n, r in scores.items()}, out / "radar.png")
     pca_images = np.stack(
         [sets["text_test"][0][0], sets["text_test"][0][1], sets["knn"][0][0], sets["homography"][0][0]]
@@ -463,7 +473,10 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", quick: bool = False)
     details = {
         "models": scores,
         "expert_fit": generalization,
-        "settings": dataclasses.asdict(s),
+        "settings": {
+            "demo": dataclasses.asdict(s),
+            "stages": {n: OmegaConf.to_container(OmegaConf.load(out / n / "config.yaml")) for n in STAGES},
+        },
         "quick": quick,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -143,7 +143,9 @@ def make_runner(runtime: str, model: nn.Module, size: int, workdir: Path, thread
         raise EupeError(f"unknown runtime {runtime!r}; choose from {', '.join(rt.RUNTIMES)}")
     out = workdir / f"{model.arch}_{size}_{runtime}{FORMATS[fmt]}"
     # Latency only: an int8 model's accuracy is reported by `eupe export --quantize int8`.
-    result = export_model(model, fmt, size, output=out, threads=threads, quantize=quantize, min_cosine=-1.0)
+    result = export_model(
+        model, fmt, size=size, output=out, threads=threads, quantize=quantize, min_cosine=-1.0
+    )
     if fmt == "onnx":
         return rt.onnx_runner(result.artifact, threads)
     if fmt == "pt2":
@@ -156,6 +158,7 @@ def make_runner(runtime: str, model: nn.Module, size: int, workdir: Path, thread
 
 def cost_table(
     models: Sequence[str] = STUDENTS,
+    *,
     sizes: Sequence[int] = (256, 512),
     runtimes: Sequence[str] = ("eager",),
     runs: int = 10,

@@ -135,6 +135,7 @@ def _quantize_int8(program: torch.export.ExportedProgram, example: torch.Tensor,
 def export_model(
     model: nn.Module,
     fmt: str,
+    *,
     size: int = 256,
     output: str | os.PathLike | None = None,
     dynamic: bool = False,

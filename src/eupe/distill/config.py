@@ -110,7 +110,7 @@ class DistillConfig:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     """A YAML file with its `defaults` (files relative to it) merged underneath, recursively."""
     path = path.resolve()
     if path in seen:
@@ -128,7 +128,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         bases = [bases]
     merged = OmegaConf.create({})
     for base in bases:
-        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(base), (*seen, path)))
+        merged = OmegaConf.merge(merged, read_yaml(path.parent / str(base), (*seen, path)))
     return OmegaConf.merge(merged, raw)  # type: ignore[return-value]
 
 
@@ -139,9 +139,13 @@ def _describe(e: OmegaConfBaseException) -> str:
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    mapping: Any = None,
 ) -> DistillConfig:
-    """YAML file (optional) + overrides -> a validated `DistillConfig`.
+    """YAML file (optional), then a mapping (optional, e.g. one stage of configs/demo/full.yaml),
+    then overrides -> a validated `DistillConfig`.
 
     Overrides are `key=value` (merged, like YAML) or `~key` (delete a mapping entry, e.g.
     `~teachers.pe_lang_g` or `~student.overrides.depth`, since merging can add but not remove).
@@ -154,7 +158,9 @@ def load_config(
         raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.lr=1e-4) or ~key")
     try:
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(path)))
+            merged = OmegaConf.merge(merged, read_yaml(Path(path)))
+        if mapping is not None:
+            merged = OmegaConf.merge(merged, mapping)
         for key in deletions:
             parent_key, _, leaf = key.rpartition(".")
             parent = OmegaConf.select(merged, parent_key) if parent_key else merged

@@ -14,15 +14,14 @@ never asks which kind it has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import ConfigError, EupeError
+from ..errors import ConfigError
 from ..models.encoder import EncoderOutput
 from ..models.teacher_norm import TeacherNorm
 from ..teachers import build_teacher_from_spec
@@ -131,56 +130,16 @@ class CachedTargets(TargetSource):
 # -- in memory --------------------------------------------------------------------------------------------
 @dataclass
 class ViewBatch:
-    """Views (float, [0,1]) of a fixed set, with their positions in it."""
+    """A batch of views in [0,1] made by a program (benchmarks feed fixed device-side views)."""
 
     views: torch.Tensor
-    index: torch.Tensor
-
-
-class ShuffledViews:
-    """Endless, seeded, rank-sharded, resumable batches of a fixed view set: each epoch a new
-    permutation, the global batch cut into per-rank slices (the same walk as the cache's loader)."""
-
-    def __init__(self, views: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.views, self.batch, self.seed, self.rank, self.world = views, batch_size, seed, rank, world
-        self.pos, self._epoch, self._perm = 0, -1, np.arange(0)
-
-    def _index(self, p: int) -> int:
-        epoch, offset = divmod(p, len(self.views))
-        if epoch != self._epoch:
-            self._epoch, self._perm = (
-                epoch,
-                np.random.default_rng([self.seed, epoch]).permutation(len(self.views)),
-            )
-        return int(self._perm[offset])
-
-    def __iter__(self) -> Iterator[ViewBatch]:
-        return self
-
-    def __next__(self) -> ViewBatch:
-        start = self.pos + self.rank * self.batch
-        index = torch.tensor([self._index(p) for p in range(start, start + self.batch)])
-        self.pos += self.batch * self.world
-        views = self.views[index]
-        return ViewBatch(views.float().div_(255) if views.dtype == torch.uint8 else views, index)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"views": len(self.views), "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["views"]) != len(self.views):
-            raise EupeError(
-                f"data: {len(self.views)} views now, {state['views']} when the checkpoint was saved"
-            )
-        self.pos = int(state["pos"])
-
-    def stats(self) -> dict[str, Any]:
-        return {"skipped": 0, "examples": [], "epoch": self.pos / len(self.views)}
+    params: list = field(default_factory=list)
 
 
 class PrecomputedTargets(TargetSource):
     """Frozen networks run once over a fixed set of views (uint8 or float in [0,1], [V,3,S,S]);
-    training then draws batches of those views and reads their targets from memory.
+    training then reads batches of those views from the run's data (one `views` source holding the
+    same views, `eupe.data.sources.ViewsSource`) and their targets from memory, by view index.
 
     `compute` runs each network over all views and measures TeacherNorm on all of them (the same
     `measure_norm` as a live run). Patch targets are kept in float16 (unit variance after
@@ -241,15 +200,26 @@ class PrecomputedTargets(TargetSource):
         )
 
     def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
-        if view_size > self.views.shape[-1]:
+        from ..data import build_loader
+
+        sources = [(src.type, src.name) for src in data.sources]
+        if len(sources) != 1 or sources[0][0] != "views":
             raise ConfigError(
-                f"the precomputed views are {self.views.shape[-1]} px; this run needs {view_size} px views"
+                f"precomputed targets belong to one fixed set of views; data.sources must be that one "
+                f"`views` source, got {sources}"
             )
-        return ShuffledViews(self.views, batch_size, seed, rank, world)
+        loader = build_loader(
+            data, batch_size=batch_size, view_size=view_size, seed=seed, rank=rank, world_size=world
+        )
+        if len(loader.sources[0]) != len(self.views):
+            raise ConfigError(
+                f"data.sources[0] holds {len(loader.sources[0])} views; the targets were computed for {len(self.views)}"
+            )
+        return loader
 
     def targets(self, batch: Any, resolutions: dict[str, int | None]) -> dict[str, EncoderOutput]:
         device = batch.views.device
-        i = batch.index
+        i = torch.tensor([int(p["index"]) for p in batch.params])
         return {
             n: EncoderOutput(
                 self.cls[n][i].to(device), self.patches[n][i].to(device).float(), None, self.grids[n]

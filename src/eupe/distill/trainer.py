@@ -120,7 +120,13 @@ class Distiller:
         """Run to `train.max_steps`, then write `final/`; returns the final folder."""
         t = self.cfg.train
         self.prepare()
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress or self.rank, unit="step")
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not t.progress or self.rank,
+            unit="step",
+            desc=self.out.name,
+        )
         self._window = (0, time.perf_counter())  # (images, start time) since the last log line
         self._writer = self._tensorboard()
         try:

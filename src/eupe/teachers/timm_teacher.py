@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..models.encoder import EncoderOutput, feature_map_to_output
 from ..models.loading import read_state_dict
+from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .base import Teacher, register_teacher, rng_devices, weights_to_bf16
 
 SUMMARIES = ("cls", "head", "proj", "mean")
@@ -167,8 +168,8 @@ class TimmTeacher(Teacher):
         super().__init__(
             resolution,
             stride,
-            tuple(mean) or tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-            tuple(std) or tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            tuple(mean) or tuple(cfg.get("mean", IMAGENET_MEAN)),
+            tuple(std) or tuple(cfg.get("std", IMAGENET_STD)),
             torch.bfloat16 if dtype == "bf16" else None,
         )
         self.model_name, self.summary, self.patches_source = model, summary, patches
