@@ -43,3 +43,12 @@ def official_pth(tmp_path_factory) -> dict[str, Path]:
         paths[name] = root / f"{name}.pth"
         torch.save(official_state_dict(name), paths[name])
     return paths
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

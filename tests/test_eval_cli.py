@@ -15,14 +15,7 @@ from eupe.cli import main
 
 from .test_eval_data import make_ade20k, make_class_folders, make_nyu, make_spair, save_tiny_encoder
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,7 @@ from eupe.eval.models import EvalModel, load_model
 
 from .test_eval_data import ColorEncoder, make_ade20k, make_class_folders, make_nyu, make_spair, tiny_encoder
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_knn_colour_coded_is_perfect_and_shuffled_labels_are_chance(tmp_path):

@@ -28,12 +28,7 @@ EMBED = 16  # text-space width of the shrunk model (PE-Core-G: 1280)
 TRUNK = "vit_pe_core_tiny_patch16_384"  # pooled width 192 (PE-Core-G: 1536)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
