@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from eupe.demo.data import make_views
-from eupe.demo.pipeline import STAGES, claim_check, format_table, load_demo, stage_config
+from eupe.demo.pipeline import STAGES, load_demo, stage_config
+from eupe.demo.report import claim_check, format_table
 from eupe.models import create_model
 
 
@@ -87,7 +88,7 @@ def test_report_table_bolds_the_best_and_checks_the_claim():
 
 
 def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
-    from eupe.demo.pipeline import fit_summary
+    from eupe.demo.report import fit_summary
 
     (tmp_path / "stage2").mkdir()
     rows = [
@@ -99,7 +100,7 @@ def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
 
 
 def test_heldout_cosine_scores_the_heads_against_normalized_targets():
-    from eupe.demo.pipeline import heldout_cosine
+    from eupe.demo.report import heldout_cosine
     from eupe.models.encoder import EncoderOutput
     from eupe.models.heads import TeacherHeads
 

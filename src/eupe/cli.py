@@ -419,7 +419,8 @@ def _cmd_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo.pipeline import format_table, run_demo
+    from .demo.pipeline import run_demo
+    from .demo.report import format_table
 
     results = run_demo(args.output_dir, quick=args.quick)
     details = json.loads((Path(args.output_dir) / "details.json").read_text())
