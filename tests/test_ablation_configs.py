@@ -121,7 +121,7 @@ def test_table2_stage_rows():
 
     s13 = ablation("table2_stage13_vitb16")
     assert s13.stage == "pyramid" and s13.pyramid == [256, 384, 512] and list(s13.teachers) == ["proxy"]
-    assert "stage2" not in s13.student.init  # no Stage 2: a freshly initialized student
+    assert s13.student.from_scratch and s13.student.init is None  # no Stage 2: a fresh student
     t13, t2 = s13.train, s2.train
     assert (t13.max_steps, t13.global_batch, t13.lr) == (t2.max_steps, t2.global_batch, t2.lr)
 

@@ -149,6 +149,7 @@ def test_heads_shapes_for_every_student_teacher_pair(student):
         (["student.resolution=60"], "student.resolution=60 is not a multiple of the patch size 16"),
         (["stage=pyramid", "pyramid=[32,40]"], "pyramid: scale 40 is not a multiple"),
         (["stage=pyramid"], "student.init: stage 'pyramid' (Stage 3)"),
+        (["student.from_scratch=true", "student.init=x"], "student.from_scratch=true and student.init='x'"),
         (["train.global_batch=9"], "train.global_batch=9 is not divisible by train.accum_steps"),
         (["student.name=vit_giant"], "student.name: unknown model 'vit_giant'"),
         (["train.lr=-1"], "train.lr must be > 0"),
@@ -166,6 +167,11 @@ def test_heads_shapes_for_every_student_teacher_pair(student):
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(TINY, overrides)
+
+
+def test_pyramid_from_scratch_is_explicit():
+    cfg = load_config(TINY, ["stage=pyramid", "pyramid=[32,64]", "student.from_scratch=true"])
+    assert cfg.stage == "pyramid" and cfg.students["student"].init is None
 
 
 def test_config_eupe_teacher_needs_checkpoint_and_missing_init_folder(tmp_path):

@@ -39,6 +39,7 @@ class StudentConfig:
     rope_rescale_coords: float | None = 2.0  # ViT training-time RoPE rescale (official recipe)
     overrides: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs, e.g. drop_path_rate
     mimetic_init: bool = False  # ViTs from scratch: mimetic attention init (eupe.models.init)
+    from_scratch: bool = False  # stage "pyramid" without student.init (Table 2's "Stage 1+3" ablation)
 
 
 @dataclass
@@ -270,11 +271,13 @@ def _validate_student(cfg: DistillConfig, s: StudentConfig, key: str) -> None:
                     f"pyramid: scale {r} is not a multiple of the patch size {stride} of {s.name} "
                     f"(nearest: {max(stride, round(r / stride) * stride)})"
                 )
-        if not s.init:
+        if not s.init and not s.from_scratch:
             raise ConfigError(
                 f"{key}.init: stage 'pyramid' (Stage 3) starts from the Stage-2 student; "
-                f"set {key}.init=<stage-2 output_dir>/final"
+                f"set {key}.init=<stage-2 output_dir>/final (or {key}.from_scratch=true for a fresh one)"
             )
+    if s.from_scratch and s.init:
+        raise ConfigError(f"{key}.from_scratch=true and {key}.init={s.init!r} contradict; keep one")
     elif s.resolution <= 0 or s.resolution % stride:
         raise ConfigError(
             f"{key}.resolution={s.resolution} is not a multiple of the patch size {stride} of {s.name} "
