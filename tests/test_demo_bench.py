@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -44,16 +43,7 @@ def test_pck_is_one_for_unique_features_under_a_pure_translation():
     assert correct == 0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (26x slower on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_text_probe_finds_text_that_colour_alone_reveals(one_thread):
+def test_text_probe_finds_text_that_colour_alone_reveals(one_torch_thread):
     rng = np.random.default_rng(0)
     images = np.zeros((12, 64, 64, 3), dtype=np.uint8)
     images[..., 2] = 200  # blue background

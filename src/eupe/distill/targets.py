@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..data import build_loader
 from ..errors import ConfigError
 from ..models.encoder import EncoderOutput
 from ..models.teacher_norm import TeacherNorm
@@ -59,9 +60,6 @@ class LiveTeachers(TargetSource):
     """The configured teachers, frozen, run on each batch at their own (native or drawn) side."""
 
     def __init__(self, cfg: Any, device: torch.device):
-        from ..data import build_loader
-
-        self._build_loader = build_loader
         self.teachers = {}
         for name, spec in cfg.teachers.items():
             # built in place on the device (no 7B teacher in CPU memory); errors name teachers.<name>
@@ -82,7 +80,7 @@ class LiveTeachers(TargetSource):
         self.norm = TeacherNorm(self.dims).to(device)
 
     def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
-        return self._build_loader(
+        return build_loader(
             data, batch_size=batch_size, view_size=view_size, seed=seed, rank=rank, world_size=world
         )
 
@@ -200,8 +198,6 @@ class PrecomputedTargets(TargetSource):
         )
 
     def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
-        from ..data import build_loader
-
         sources = [(src.type, src.name) for src in data.sources]
         if len(sources) != 1 or sources[0][0] != "views":
             raise ConfigError(
