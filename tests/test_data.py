@@ -304,3 +304,21 @@ def test_data_check_finds_every_bad_file(tmp_path: Path) -> None:
     assert report["sources"][0]["min_side"]["median"] == 40
     png = save_preview(cfg, tmp_path / "views.png", n=4, view_size=16)
     assert Image.open(png).size == (2 * 18, 2 * 18)
+
+
+def test_a_whole_image_at_its_own_size_is_used_as_it_is():
+    """A kept-whole view (crop = the image, same side) skips the resize; it would be the identity."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from eupe.data.augment import apply_params
+
+    image = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0))
+    params = {"crop": [0, 0, 24, 24], "flip": False}
+    resized = TF.resized_crop(image, 0, 0, 24, 24, [24, 24], InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(apply_params(image, params, 24), resized)
+    view = apply_params(image, params, 24)
+    view.mul_(0)
+    assert image.abs().sum() > 0  # a copy: the caller's tensor is untouched
+    smaller = apply_params(image, params, 12)
+    assert smaller.shape == (3, 12, 12)

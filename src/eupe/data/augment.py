@@ -132,16 +132,20 @@ def gaussian_blur(image: torch.Tensor, sigma: float, size: int) -> torch.Tensor:
 def apply_params(image: torch.Tensor, params: dict[str, Any], view_size: int) -> torch.Tensor:
     """The view for `params`: crop+resize, flip, jitter (recorded order), blur, solarize."""
     top, left, h, w = params["crop"]
-    view = TF.resized_crop(
-        image,
-        top,
-        left,
-        h,
-        w,
-        [view_size, view_size],
-        interpolation=InterpolationMode.BILINEAR,
-        antialias=True,
-    ).clamp_(0.0, 1.0)
+    if (top, left, h, w) == (0, 0, view_size, view_size) == (0, 0, *image.shape[-2:]):
+        view = image.clone()  # the whole image at its own size (a `views` source kept whole)
+    else:
+        view = TF.resized_crop(
+            image,
+            top,
+            left,
+            h,
+            w,
+            [view_size, view_size],
+            interpolation=InterpolationMode.BILINEAR,
+            antialias=True,
+        )
+    view = view.clamp_(0.0, 1.0)
     if params["flip"]:
         view = view.flip(-1)
     jitter = params.get("jitter")

@@ -141,7 +141,9 @@ class PrecomputedTargets(TargetSource):
 
     `compute` runs each network over all views and measures TeacherNorm on all of them (the same
     `measure_norm` as a live run). Patch targets are kept in float16 (unit variance after
-    TeacherNorm), which halves the memory.
+    TeacherNorm), which halves the memory. `sides` is the stored views' side for every network:
+    the targets exist already, so the shared view only has to feed the students (a larger side
+    would resize every view up and back down for nothing).
     """
 
     def __init__(
@@ -150,50 +152,70 @@ class PrecomputedTargets(TargetSource):
         cls: dict[str, torch.Tensor],
         patches: dict[str, torch.Tensor],
         grids: dict[str, tuple[int, int]],
-        sides: dict[str, int],
         norm: TeacherNorm,
     ):
         self.views, self.cls, self.patches, self.grids = views, cls, patches, grids
         self.dims = {n: (int(cls[n].shape[1]), int(patches[n].shape[2])) for n in cls}
-        self.sides, self.norm = dict(sides), norm
+        self.sides, self.norm = {n: int(views.shape[-1]) for n in cls}, norm
 
     @classmethod
     def compute(
         cls,
         teachers: dict[str, Callable[[torch.Tensor], EncoderOutput]],
-        sides: dict[str, int],
         views: torch.Tensor,
         batch: int = 32,
         progress: bool = True,
     ) -> PrecomputedTargets:
+        return cls.from_outputs(views, cls.outputs(teachers, views, batch, progress), batch)
+
+    @staticmethod
+    def outputs(
+        teachers: dict[str, Callable[[torch.Tensor], EncoderOutput]],
+        views: torch.Tensor,
+        batch: int = 32,
+        progress: bool = True,
+    ) -> dict[str, EncoderOutput]:
+        """Each network's raw output over all views (run `batch` views at a time), concatenated."""
         slices = [slice(i, min(len(views), i + batch)) for i in range(0, len(views), batch)]
 
         def as_float(v: torch.Tensor) -> torch.Tensor:
             return v.float().div_(255) if v.dtype == torch.uint8 else v
 
-        raw: dict[str, list[EncoderOutput]] = {}
+        raw: dict[str, EncoderOutput] = {}
         bar = tqdm(total=len(slices) * len(teachers), desc="teacher targets", disable=not progress)
         for name, teacher in teachers.items():
-            raw[name] = []
+            parts = []
             for sl in slices:
                 with torch.inference_mode():
-                    y = teacher(as_float(views[sl]))
-                raw[name].append(
-                    EncoderOutput(y.cls.float().clone(), y.patches.float().clone(), None, tuple(y.grid))
-                )
+                    parts.append(teacher(as_float(views[sl])))
                 bar.update(1)
+            cat = [torch.cat([getattr(y, k).float() for y in parts]) for k in ("cls", "patches")]
+            raw[name] = EncoderOutput(*cat, None, tuple(parts[0].grid))
         bar.close()
-        dims = {n: (outs[0].cls.shape[-1], outs[0].patches.shape[-1]) for n, outs in raw.items()}
-        norm = TeacherNorm(dims)
-        # the same measurement as a live run, on exactly these outputs (batch j of every teacher)
-        measure_norm(norm, {n: (lambda j, n=n: raw[n][j]) for n in raw}, range(len(slices)))
-        normed = {n: [norm.normalize(n, y) for y in outs] for n, outs in raw.items()}
+        return raw
+
+    @classmethod
+    def from_outputs(
+        cls, views: torch.Tensor, raw: dict[str, EncoderOutput], batch: int = 32
+    ) -> PrecomputedTargets:
+        """TeacherNorm measured on `raw` (the same `measure_norm` as a live run, over the same
+        batches of `batch` views), and the normalized targets kept."""
+        n = len(views)
+
+        def part(name: str, j: int) -> EncoderOutput:
+            y, sl = raw[name], slice(j * batch, min(n, (j + 1) * batch))
+            return EncoderOutput(y.cls[sl], y.patches[sl], None, tuple(y.grid))
+
+        norm = TeacherNorm({name: (y.cls.shape[-1], y.patches.shape[-1]) for name, y in raw.items()})
+        measure_norm(
+            norm, {name: (lambda j, name=name: part(name, j)) for name in raw}, range(-(-n // batch))
+        )
+        normed = {name: norm.normalize(name, y) for name, y in raw.items()}
         return cls(
             views,
-            {n: torch.cat([y.cls for y in ys]) for n, ys in normed.items()},
-            {n: torch.cat([y.patches for y in ys]).half() for n, ys in normed.items()},
-            {n: tuple(raw[n][0].grid) for n in raw},
-            sides,
+            {name: y.cls for name, y in normed.items()},
+            {name: y.patches.half() for name, y in normed.items()},
+            {name: tuple(raw[name].grid) for name in raw},
             norm,
         )
 
