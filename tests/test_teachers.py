@@ -314,3 +314,39 @@ def test_onnx_teacher_with_external_weights(tmp_path: Path) -> None:
     ref = build_teacher_from_spec("e", dataclasses.replace(spec, model=str(plain)))
     views = _views(1, 32)
     assert torch.equal(ext(views).patches, ref(views).patches)
+
+
+class _TinyTokens(nn.Module):
+    """A ViT-shaped output: a class token, then one token per 8x8 patch, as [B, 1 + N, C]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 12, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(len(x), -1, -1) + tokens.mean(1, keepdim=True), tokens], dim=1)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_teacher_takes_the_class_token_of_a_token_sequence(tmp_path: Path) -> None:
+    """summary='cls': the first token of a [B, 1 + N, C] output (e.g. an exported DINOv2 ViT)."""
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    net = _TinyTokens().eval()
+    path = tmp_path / "tokens.onnx"
+    with torch.no_grad():
+        torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["image"], dynamo=False)
+    spec = TeacherSpec(backend="onnx", model=str(path), summary="cls", kwargs={"num_prefix": 1})
+    teacher = build_teacher_from_spec("vit", spec)
+    views = _views(2, 32)
+    out = teacher(views)
+    with torch.no_grad():
+        ref = net(teacher.prepare(views))
+    assert out.grid == (4, 4) and teacher.cls_dim == 12
+    assert torch.allclose(out.cls, ref[:, 0], atol=1e-5) and torch.allclose(
+        out.patches, ref[:, 1:], atol=1e-5
+    )
+    with pytest.raises(ConfigError, match="num_prefix >= 1"):
+        build_teacher_from_spec("vit", TeacherSpec(backend="onnx", model=str(path), summary="cls"))

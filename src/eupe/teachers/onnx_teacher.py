@@ -5,7 +5,8 @@ features may come from any named tensor in the graph, not only its outputs: the 
 as an extra graph output (after shape inference) before the session is created.
 
 Spec fields: `model` (the .onnx file), `patches` (tensor name; "final" = the first graph output),
-`summary` (a tensor name for the class token; "" or "mean" = mean-pooled patch tokens),
+`summary` (a tensor name for the class token; "" or "mean" = mean-pooled patch tokens; "cls" = the
+first token of the patch tensor, for a [B, N, C] token sequence with `num_prefix` >= 1),
 `resolution` (default: the model's static input side), `mean`/`std` (default ImageNet), and
 `kwargs`: `input_name` (default: the first graph input), `num_prefix` (tokens to drop before
 the patches when the tensor is a [B, N, C] token sequence), `channel_order` ("RGB" or "BGR", for
@@ -115,7 +116,12 @@ class OnnxTeacher(Teacher):
             raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
         first_output = graph.graph.output[0].name
         self.patch_name = first_output if patches in ("", "final") else patches
-        self.cls_name = None if summary in ("", "mean") else summary
+        self.cls_name = None if summary in ("", "mean", "cls") else summary
+        self.cls_token = summary == "cls"
+        if self.cls_token and num_prefix < 1:
+            raise ConfigError(
+                "onnx teacher: summary='cls' takes the first token of the patch tensor; set kwargs.num_prefix >= 1"
+            )
         graph = expose_tensors(graph, [n for n in (self.patch_name, self.cls_name) if n])
         inputs = [i for i in graph.graph.input if i.name not in {x.name for x in graph.graph.initializer}]
         self.input_name = input_name or inputs[0].name
@@ -147,6 +153,8 @@ class OnnxTeacher(Teacher):
         # One dry run measures the grid (hence the stride) and the widths.
         dry = self._run(np.zeros((1, 3, resolution, resolution), np.float32))
         patch_tokens, grid = _as_tokens(dry[0], num_prefix)
+        if self.cls_token and np.ndim(dry[0]) != 3:
+            raise ConfigError("onnx teacher: summary='cls' needs a [B, N, C] token tensor as `patches`")
         stride = resolution // grid[0]
         super().__init__(resolution, stride, tuple(mean) or IMAGENET_MEAN, tuple(std) or IMAGENET_STD, None)
         self.path = path
@@ -171,7 +179,9 @@ class OnnxTeacher(Teacher):
             images = images.flip(1)
         arrays = self._run(images.detach().float().cpu().numpy())
         patches, grid = _as_tokens(arrays[0], self.num_prefix)
-        if self.cls_name:
+        if self.cls_token:
+            cls = torch.from_numpy(np.ascontiguousarray(arrays[0][:, 0])).float()
+        elif self.cls_name:
             cls = torch.from_numpy(np.ascontiguousarray(arrays[1])).float().reshape(len(images), -1)
         else:
             cls = patches.mean(dim=1)
