@@ -34,6 +34,18 @@ _SPECS = [
         official_params=5_492_160,
         description="EUPE ViT-T/16 student",
     ),
+    # Not an EUPE release size: the demo's student, 10-20x smaller than its experts as the paper's
+    # students are than theirs (timm's ViT-T/16 layout, narrower and shallower).
+    ZooSpec(
+        "eupe_vitp16",
+        "vit_tiny_patch16_dinov3_qkvb",
+        "vit",
+        16,
+        64,
+        4,
+        timm_kwargs=dict(embed_dim=64, depth=4, num_heads=2),
+        description="ViT-Pico/16 (64 wide, 4 deep): the demo's student",
+    ),
     ZooSpec(
         "eupe_vits16",
         "vit_small_patch16_dinov3_qkvb",
