@@ -43,6 +43,26 @@ def test_pck_is_one_for_unique_features_under_a_pure_translation():
     assert correct == 0
 
 
+def test_pck_counts_only_points_that_move_beyond_the_threshold():
+    """A point the warp leaves within reach of its own position is not scored: features that encode
+    position alone would match it (the content-free reference scores ~0 on the demo's warps)."""
+    fmap = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(0))
+    small = np.array([[1.0, 0, 4], [0, 1, 0], [0, 0, 1]])  # 4 px < 0.05 * 128
+    assert B.match_pck(fmap, fmap, small, (128, 128), (128, 128), alpha=0.05) == (0, 0)
+    position = B.position_only(16)(torch.zeros(2, 3, 128, 128))
+    maps = position.patch_map()
+    shift = np.array([[1.0, 0, 32], [0, 1, 0], [0, 0, 1]])
+    correct, total = B.match_pck(maps[0], maps[1], shift, (128, 128), (128, 128), alpha=0.05)
+    assert total == 6 * 8 and correct == 0
+
+
+def test_the_content_free_reference_scores_near_nothing_on_the_demo_warps():
+    splits = make_splits(0)
+    src, dst, hs = D.homography_set(splits, 4, seed=0, size=128)
+    out = B.pck(B.position_only(16), src, dst, hs, alpha=0.1)
+    assert out["points"] > 20 and out["pck"] < 0.1
+
+
 def test_text_probe_finds_text_that_colour_alone_reveals(one_torch_thread):
     rng = np.random.default_rng(0)
     images = np.zeros((12, 64, 64, 3), dtype=np.uint8)
@@ -68,6 +88,6 @@ def test_text_probe_finds_text_that_colour_alone_reveals(one_torch_thread):
 
 def test_pck_runs_end_to_end_on_generated_warps():
     splits = make_splits(0)
-    src, dst, hs = D.homography_set(splits, 2, seed=0, size=64, strength=0.05)
+    src, dst, hs = D.homography_set(splits, 2, seed=0, size=64, strength=0.15)
     out = B.pck(_pooled_pixels(8), src, dst, hs, alpha=0.1, graf=D.graf_pair(80, 64))
     assert 0.0 <= out["pck"] <= 1.0 and out["points"] > 0 and 0.0 <= out["pck_graf"] <= 1.0

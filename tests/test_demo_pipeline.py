@@ -15,7 +15,7 @@ import torch
 
 from eupe.demo.data import make_views
 from eupe.demo.pipeline import STAGES, load_demo, stage_config
-from eupe.demo.report import claim_check, format_table
+from eupe.demo.report import claim_check, format_table, headline
 from eupe.models import create_model
 
 
@@ -34,33 +34,33 @@ def test_views_are_a_pure_function_of_the_seed_and_a_prefix_for_a_smaller_pool()
 def test_stage_configs_are_distill_configs_of_the_recipe(tmp_path: Path):
     """configs/demo/full.yaml: Stages 1/2/3 and the direct ablation as ordinary distill configs."""
     s, blocks = load_demo()
-    proxy = {"proxy": {"backend": "eupe", "checkpoint": str(tmp_path / "stage1/final"), "resolution": 64}}
+    proxy = {"proxy": {"backend": "eupe", "checkpoint": str(tmp_path / "stage1/final"), "resolution": 112}}
     experts = {
-        "t": {"backend": "timm", "model": "vit_small_patch16_224", "pretrained": False, "resolution": 64}
+        "t": {"backend": "timm", "model": "vit_small_patch16_224", "pretrained": False, "resolution": 224}
     }
     init = {"student": {"init": str(tmp_path / "stage2/final")}}  # as run_demo sets it for Stage 3
+    views = tmp_path / "views.safetensors"
     cfgs = {
         n: stage_config(
             s,
             blocks[n],
-            tmp_path,
-            n,
+            tmp_path / n,
+            views,
             experts if n in ("stage1", "direct") else proxy,
             **(init if n == "stage3" else {}),
         )
         for n in STAGES
     }
     assert {n: c.output_dir for n, c in cfgs.items()} == {n: str(tmp_path / n) for n in STAGES}
-    steps = {n: c.train.max_steps for n, c in cfgs.items()}
-    # the ablation gets exactly the student steps of Stages 1-3 (paper Table 2's comparison)
-    assert steps["direct"] == steps["stage1"] + steps["stage2"] + steps["stage3"]
-    assert cfgs["stage3"].stage == "pyramid" and cfgs["stage3"].pyramid == [64, 96, 128]
+    assert cfgs["stage3"].stage == "pyramid" and cfgs["stage3"].pyramid == [112, 176, 224]
+    assert cfgs["stage2"].students["student"].resolution == s.proxy_resolution == 112
     for c in cfgs.values():
         (source,) = c.data.sources
-        assert (source.type, source.path) == ("views", str(tmp_path / "views.safetensors"))
+        assert (source.type, source.path) == ("views", str(views))
         assert tuple(c.data.augment.crop_scale) == (1.0, 1.0) and c.data.augment.flip_p == 0.0
         assert c.train.threads == s.threads == 1 and c.train.device == "cpu"
-    assert cfgs["stage1"].students["student"].name == "eupe_vits16"
+    assert cfgs["stage1"].students["student"].name == "eupe_vits16"  # with 3 blocks (overrides)
+    assert cfgs["stage1"].students["student"].overrides == {"depth": 3}
     assert cfgs["stage2"].students["student"].mimetic_init
 
 
@@ -69,33 +69,40 @@ def test_quick_is_the_same_pipeline_on_less():
     assert quick.pool_size < full.pool_size and quick.threads == full.threads == 1
     assert all(qb[n]["train"]["max_steps"] < fb[n]["train"]["max_steps"] for n in STAGES)
     assert qb["stage3"]["pyramid"] == fb["stage3"]["pyramid"]
+    assert (full.seeds, quick.seeds) == (3, 2) and tuple(full.sweep) == (1, 2, 4)
 
 
-def test_report_table_bolds_the_best_and_checks_the_claim():
+def test_report_table_bolds_the_best_and_checks_the_goals():
     row = {"knn": 0.5, "text_iou": 0.5, "pck": 0.5, "pck_warps": 0.5, "pck_graf": 0.5}
     models = {
         "teacher_effnet": {**row, "knn": 0.8},
         "teacher_ocr": {**row, "text_iou": 0.7},
         "proxy": row,
-        "eupe_vitt16": {**row, "knn": 0.75, "pck": 0.6},
-        "direct_vitt16": row,
+        "eupe_vitp16": {**row, "knn": 0.75, "pck": 0.6, "text_iou": 0.4},
+        "direct_vitp16": row,
     }
-    table = format_table(models)
+    spread = {"eupe_vitp16": {**dict.fromkeys(row, 0.0), "knn": 0.02}}
+    table = format_table(models, spread)
     assert "| teacher_effnet | **0.800** |" in table and "| teacher_ocr | 0.500 | **0.700** |" in table
-    lines = claim_check(models)
-    assert "within 10%: yes" in lines[0] and "within 10%: no" in lines[1]
-    assert "better on 2/3" in lines[-1]
+    assert "| eupe_vitp16 | 0.750 +- 0.020 |" in table
+    lines = claim_check(models, "vitp16")
+    assert ">= 60%: yes" in lines[0] and ">= 60%: no" in lines[1]  # 0.4 / 0.7 = 57%
+    assert lines[-1].startswith("- EUPE route >= direct on the mean: yes") and "better on 2/3" in lines[-1]
+    spreads = {n: dict.fromkeys(row, 0.01) for n in models}
+    first = headline(models, spreads, "vitp16")[0]
+    assert first == "- k-NN: EUPE route 0.750 +- 0.010 vs direct 0.500 +- 0.010 (EUPE ahead by 0.250)."
 
 
 def test_fit_summary_reads_the_last_steps_of_each_stage(tmp_path: Path):
     from eupe.demo.report import fit_summary
 
     (tmp_path / "stage2").mkdir()
+    (tmp_path / "empty").mkdir()
     rows = [
         {"step": i, "loss/proxy/cls_cos": 1.0 - i / 20, "loss/proxy/patch_cos": 0.5} for i in range(1, 21)
     ]
     (tmp_path / "stage2" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (line,) = fit_summary(tmp_path, last=2)
+    (line,) = fit_summary({"stage2": tmp_path / "stage2", "none": tmp_path / "empty"}, last=2)
     assert line == "- stage2 (20 steps): proxy/cls_cos 0.025, proxy/patch_cos 0.500"
 
 

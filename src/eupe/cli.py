@@ -409,23 +409,39 @@ def _cmd_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         "the EUPE recipe in miniature on bundled photos and two real experts (needs eupe[demo])",
         """
-        eupe demo --quick                  # CI smoke run of the whole pipeline
-        eupe demo --output-dir demo-output # full run: report.md + results.json
+        eupe demo --quick                   # CI smoke run of the whole pipeline (< 3 min)
+        eupe demo --output-dir demo-output  # headline run, 3 seeds: report.md + results.json
+        eupe demo --seeds 1                 # one seed (faster; no spread)
+        eupe demo --sweep --output-dir sw   # both routes at 1x/2x/4x the student steps: sweep.md + sweep.png
     """,
     )
     p.add_argument("--quick", action="store_true", help="same pipeline on less data and fewer steps")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="train both routes N times (default: 3; 1 with --sweep)"
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="train both routes at each budget of demo.sweep (not the headline run)",
+    )
     p.add_argument("--output-dir", default="demo-output", help="where the run goes (default: ./demo-output)")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import run_demo
-    from .demo.report import format_table
+    from .demo.report import format_table, headline, sweep_table
 
-    results = run_demo(args.output_dir, quick=args.quick)
-    details = json.loads((Path(args.output_dir) / "details.json").read_text())
-    print(format_table(details["models"]))
-    print(f"total {results['timings_s']['total']:.0f} s; report: {args.output_dir}/report.md")
+    results = run_demo(args.output_dir, quick=args.quick, seeds=args.seeds, sweep=args.sweep)
+    out = Path(args.output_dir)
+    if args.sweep:
+        print(sweep_table(results))
+        print(f"total {results['timings_s']['total']:.0f} s; report: {out}/sweep.md, {out}/sweep.png")
+        return 0
+    details = json.loads((out / "details.json").read_text())
+    print("\n".join(headline(details["models"], details["spread"], details["student"])))
+    print(format_table(details["models"], details["spread"]))
+    print(f"total {results['timings_s']['total']:.0f} s; report: {out}/report.md")
     return 0
 
 

@@ -82,3 +82,29 @@ def pca_grid(models: dict[str, Featurizer], images: np.ndarray, path: Path, cell
         columns.append(col)
     draw_grid(list(x), columns, list(models), path, cell)
     return path
+
+
+def sweep_plot(sweep: dict, path: Path) -> Path:
+    """One panel per benchmark: score against student steps for both routes (error bars: the spread
+    over seeds), the experts and the proxy as dashed lines."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 3.4), dpi=110)
+    steps = [sweep["student_steps"][str(b)] for b in sweep["budgets"]]
+    for ax, m in zip(axes, METRICS):
+        for route, rows in sweep["routes"].items():
+            ys = [rows[str(b)]["mean"][m] for b in sweep["budgets"]]
+            es = [rows[str(b)]["spread"][m] for b in sweep["budgets"]]
+            ax.errorbar(steps, ys, yerr=es, marker="o", capsize=3, label=f"{route} route")
+        for name, r in {**sweep["teachers"], "proxy": sweep["proxy"]}.items():
+            ax.axhline(r[m], linestyle="--", linewidth=0.8, color="gray")
+            ax.annotate(name, (steps[0], r[m]), fontsize=6, color="gray", va="bottom")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel("student steps")
+        ax.set_title(LABELS[m], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

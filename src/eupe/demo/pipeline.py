@@ -36,11 +36,11 @@ from tqdm import tqdm
 from ..distill.config import DistillConfig, load_config, read_yaml
 from ..distill.targets import LiveTeachers, PrecomputedTargets
 from ..distill.trainer import Distiller
-from ..errors import ConfigError, EupeError
+from ..errors import ConfigError
 from ..models import create_model
 from . import bench, figures
 from . import data as D
-from .assets import make_splits
+from .assets import DemoSplits, make_splits
 from .experts import (
     EFFNET_RESOLUTION,
     OCR_RESOLUTION,
@@ -48,23 +48,43 @@ from .experts import (
     effnet_teacher_spec,
     ocr_teacher_spec,
 )
-from .report import METRICS, MODEL_NAMES, expert_fit, write_report
+from .report import BENCH_KEYS, METRICS, expert_fit, sweep_results, write_report
+from .routes import (
+    ROUTES,
+    Run,
+    claim,
+    claim_job,
+    expert_targets_on_two_cores,
+    join_child,
+    mean_and_spread,
+    plan_runs,
+    read_run,
+    run_in_child,
+    score_run,
+    stage_block,
+    train_run,
+    wait_for,
+)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # configs/demo, linked into the package
-STAGES = ("stage1", "stage2", "stage3", "direct")
+STAGES = ("stage1", "stage2", "stage3", "direct")  # the config blocks under `stages:`
 
 
 @dataclass
 class DemoSettings:
-    """The demo's data and benchmark numbers (the `demo:` block of configs/demo/*.yaml; saved to
-    demo_settings.json). The training numbers are the stages' distill configs."""
+    """The demo's data, benchmark and run numbers (the `demo:` block of configs/demo/*.yaml; saved
+    to demo_settings.json). The training numbers are the stages' distill configs."""
 
-    seed: int = 0
+    seed: int = 0  # the data (pool, views, benchmark sets); the runs' seeds are 0..seeds-1
+    seeds: int = 3  # both routes are trained this many times; results are mean and spread
+    sweep: tuple[int, ...] = (1, 2, 4)  # `--sweep`: budgets, as multiples of the student stages' steps
     pool_size: int = 800
+    pool_side: int = 224
     views_per_image: int = 2
-    view_side: int = 192
-    effnet_resolution: int = 160  # the experts' sides for training targets (a multiple of 32)
-    ocr_resolution: int = 192  # (a multiple of 16: a 12x12 grid); the benchmarks use their native sides
+    view_side: int = 224
+    effnet_resolution: int = EFFNET_RESOLUTION  # the experts' sides, for targets and benchmarks
+    ocr_resolution: int = OCR_RESOLUTION
+    proxy_resolution: int = 112  # the side of the proxy's Stage-2 targets (Stage 3 draws its own)
     threads: int = 1
     eval_resolution: int = 224  # students' input side in the benchmarks (teachers: their native side)
     bench_side: int = 224  # benchmark images
@@ -90,6 +110,23 @@ def _images_and_regions(text_set: tuple[np.ndarray, np.ndarray, np.ndarray]) -> 
     """The text benchmark scores text *regions* (line boxes): glyph strokes are finer than a patch."""
     images, _glyphs, regions = text_set
     return images, regions
+
+
+def benchmark_sets(splits: DemoSplits, s: DemoSettings) -> dict[str, Any]:
+    """The held-out benchmark sets (pure functions of the demo seed)."""
+    side = s.bench_side
+    return {
+        "knn": D.knn_set(splits, side),
+        "text_train": _images_and_regions(D.text_set(splits, s.text_train, seed=s.seed + 1000, size=side)),
+        "text_test": _images_and_regions(D.text_set(splits, s.text_test, seed=s.seed, size=side)),
+        "homography": D.homography_set(splits, s.homographies, s.seed, size=side),
+        "graf": D.graf_pair(320, 256),
+    }
+
+
+def teacher_featurizers(experts: dict[str, Any]) -> dict[str, bench.Featurizer]:
+    """The experts as benchmark models, each at its native side."""
+    return {f"teacher_{n}": (lambda x, t=t: t(x, int(t.resolution))) for n, t in experts.items()}
 
 
 def _spec_dict(spec: Any, resolution: int) -> dict[str, Any]:
@@ -138,12 +175,17 @@ def _machine(s: DemoSettings) -> dict[str, Any]:
 
 
 def stage_config(
-    s: DemoSettings, block: dict[str, Any], out: Path, name: str, teachers: dict[str, Any], **extra: Any
+    s: DemoSettings,
+    block: dict[str, Any],
+    output_dir: Path,
+    views: Path,
+    teachers: dict[str, Any],
+    **extra: Any,
 ) -> DistillConfig:
     """One stage's distill config: its block of configs/demo/*.yaml plus what this run decides
     (output folder, the fixed views as data kept whole, the teachers, Stage 3's student.init)."""
     data = {
-        "sources": [{"name": "demo_views", "type": "views", "path": str(out / "views.safetensors")}],
+        "sources": [{"name": "demo_views", "type": "views", "path": str(views)}],
         "augment": {
             "crop_scale": [1.0, 1.0],
             "crop_ratio": [1.0, 1.0],
@@ -155,7 +197,7 @@ def stage_config(
         "num_workers": 0,
     }
     mapping = OmegaConf.merge(block, {"teachers": teachers, "data": data, **extra})
-    return load_config(None, [f"output_dir={out / name}", f"train.threads={s.threads}"], mapping=mapping)
+    return load_config(None, [f"output_dir={output_dir}", f"train.threads={s.threads}"], mapping=mapping)
 
 
 def expert_specs(s: DemoSettings, out: Path) -> dict[str, Any]:
@@ -166,41 +208,29 @@ def expert_specs(s: DemoSettings, out: Path) -> dict[str, Any]:
     return {"effnet": _spec_dict(effnet_teacher_spec(weights), s.effnet_resolution), "ocr": ocr}
 
 
-def _direct_job(cfg: DistillConfig, source: PrecomputedTargets, out: Path) -> None:
-    """The ablation (both experts -> ViT-T directly), in its own single-thread process."""
-    set_threads(cfg.train.threads)
-    t = time.perf_counter()
-    Distiller(cfg, source=source).train()
-    (out / "direct" / "time.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t, 1)}))
+def student_label(blocks: dict[str, Any]) -> str:
+    """The student's short name in the results ("eupe_vitp16" -> "vitp16")."""
+    name = str(blocks["stage2"]["student"]["name"])
+    return name.removeprefix("eupe_")
 
 
-def _start_direct(cfg: DistillConfig, source: PrecomputedTargets, out: Path) -> Any:
-    """Run the direct ablation beside Stages 1-3: two single-thread processes use both cores.
+def run_demo(
+    output_dir: str | os.PathLike = "demo-output",
+    *,
+    quick: bool = False,
+    seeds: int | None = None,
+    sweep: bool = False,
+) -> dict[str, Any]:
+    """Run the demo into `output_dir`; returns the results.json content (sweep: sweep.json's).
 
-    Each process is single-threaded with its own seeds, so the result does not depend on the
-    scheduling. fork shares the views and targets copy-on-write (no pickling, no files).
-    """
-    import multiprocessing as mp
-
-    job = mp.get_context("fork").Process(target=_direct_job, args=(cfg, source, out), daemon=True)
-    job.start()
-    return job
-
-
-def _join_direct(job: Any, out: Path) -> torch.nn.Module:
-    job.join()
-    if job.exitcode != 0:
-        raise EupeError(
-            f"the direct ablation process failed (exit code {job.exitcode}); see its output above"
-        )
-    return create_model(str(out / "direct" / "final"))
-
-
-def run_demo(output_dir: str | os.PathLike = "demo-output", *, quick: bool = False) -> dict[str, Any]:
-    """Run the whole demo into `output_dir`; returns the results.json content."""
+    `seeds` (default: the config's `demo.seeds`, 1 for a sweep) trains both routes that many times;
+    `sweep` trains them at each budget of `demo.sweep` instead of the headline run."""
     s, blocks = load_demo(quick)
+    n_seeds = seeds or (1 if sweep else s.seeds)
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1; got {n_seeds}")
     out = Path(output_dir)
-    if (out / "results.json").exists() or (out / "stage1").exists():
+    if any((out / f).exists() for f in ("results.json", "sweep.json", "stage1")):
         raise ConfigError(f"output_dir={str(out)!r} already holds a demo run; pick another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=1) + "\n")
@@ -216,100 +246,161 @@ def run_demo(output_dir: str | os.PathLike = "demo-output", *, quick: bool = Fal
 
     # data: the pool, its views (a `views` data source), the benchmark sets (pure functions of the seed)
     splits = make_splits(s.seed)
-    pool = D.training_pool(splits, s.pool_size, s.seed, D.PoolSettings(size=224))
+    pool = D.training_pool(splits, s.pool_size, s.seed, D.PoolSettings(size=s.pool_side))
     views = D.make_views(pool, s.views_per_image, s.view_side, s.seed)
-    save_file({"views": views}, str(out / "views.safetensors"))
-    side = s.bench_side
-    sets = {
-        "knn": D.knn_set(splits, side),
-        "text_train": _images_and_regions(D.text_set(splits, s.text_train, seed=s.seed + 1000, size=side)),
-        "text_test": _images_and_regions(D.text_set(splits, s.text_test, seed=s.seed, size=side)),
-        "homography": D.homography_set(splits, s.homographies, s.seed, size=side),
-        "graf": D.graf_pair(320, 256),
-    }
-    stage1 = stage_config(s, blocks["stage1"], out, "stage1", expert_specs(s, out))
-    # the ablation trains in a second process without a bar of its own (the evaluations bar waits for it)
-    direct_cfg = stage_config(
-        s, blocks["direct"], out, "direct", dict(stage1.teachers), train={"progress": False}
-    )
+    views_path = out / "views.safetensors"
+    save_file({"views": views}, str(views_path))
+    sets = benchmark_sets(splits, s)
+    experts_spec = expert_specs(s, out)
+    stage1 = stage_config(s, blocks["stage1"], out / "stage1", views_path, experts_spec)
     experts = LiveTeachers(stage1, torch.device("cpu")).teachers
     t = lap("data", t0)
 
-    # the experts run once, over every view, at their training-target sides
-    sides = {"effnet": s.effnet_resolution, "ocr": s.ocr_resolution}
-    expert_targets = PrecomputedTargets.compute(experts, sides, views)
+    # the experts run once, over every view, at their native sides (one per core)
+    expert_targets = expert_targets_on_two_cores(experts, views, out)
     t = lap("expert_targets", t)
 
-    job = _start_direct(direct_cfg, expert_targets, out)
+    runs = plan_runs(n_seeds, list(s.sweep) if sweep else None)
+    final = str(out / "stage1" / "final")
+    proxy_spec = {"proxy": {"backend": "eupe", "checkpoint": final, "resolution": s.proxy_resolution}}
+
+    def configure(run: Run, stage: str, progress: bool = True) -> DistillConfig:
+        extra: dict[str, Any] = {"train": {"progress": progress}}
+        if stage == "stage3":  # Stage 3 continues Stage 2's student (and its heads)
+            extra["student"] = {"init": str(out / run.folder / "stage2" / "final")}
+        teachers = experts_spec if stage == "direct" else proxy_spec
+        return stage_config(
+            s, stage_block(blocks, stage, run), out / run.folder / stage, views_path, teachers, **extra
+        )
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        return evaluate(bench.encoder_featurizer(model, s.eval_resolution), sets, s)
+
+    ready = out / "proxy.ready"  # written once Stage 1 has finished
+
+    def proxy_targets() -> PrecomputedTargets:
+        """The trained proxy over every view, once per process (deterministic: both get the same)."""
+        proxy = LiveTeachers(configure(runs[0], "stage2"), torch.device("cpu"))
+        return PrecomputedTargets.compute(proxy.teachers, views, progress=False)
+
+    def eupe_runs(targets: PrecomputedTargets | None, progress: bool) -> None:
+        """Every EUPE run that no other process has claimed."""
+        for run in (r for r in runs if r.route == "eupe"):
+            if claim(run, out):
+                targets = targets or proxy_targets()
+                train_run(run, out, lambda r, st: configure(r, st, progress), {"stage2": targets})
+                score_run(run, out, score)
+
+    def references() -> None:
+        """The experts' and the content-free reference's scores, by whichever process is free first."""
+        if claim_job(out, "references"):
+            refs = {n: evaluate(fn, sets, s) for n, fn in teacher_featurizers(experts).items()}
+            refs["baseline_position"] = evaluate(bench.position_only(), sets, s)
+            (out / "references.json").write_text(json.dumps(refs, indent=1) + "\n")
+
+    def second_process() -> None:
+        """The direct runs, then EUPE runs once the proxy exists."""
+        set_threads(s.threads)
+        for run in (r for r in runs if r.route == "direct"):
+            claim(run, out)
+            train_run(run, out, lambda r, st: configure(r, st, progress=False), {"direct": expert_targets})
+            score_run(run, out, score)
+        wait_for(ready)
+        eupe_runs(None, progress=False)
+        references()
+
+    child = run_in_child(second_process)
+    t_cpu = time.process_time()
     Distiller(stage1, source=expert_targets).train()
-    t = lap("stage1", t)
-
-    proxy_teacher = {
-        "proxy": {"backend": "eupe", "checkpoint": str(out / "stage1" / "final"), "resolution": 64}
-    }
-    stage2 = stage_config(s, blocks["stage2"], out, "stage2", proxy_teacher)
-    proxy = LiveTeachers(stage2, torch.device("cpu"))
-    proxy_targets = PrecomputedTargets.compute(proxy.teachers, proxy.sides, views)
-    t = lap("proxy_targets", t)
-    Distiller(stage2, source=proxy_targets).train()
-    t = lap("stage2", t)
-    student_init = {"student": {"init": str(out / "stage2" / "final")}}
-    Distiller(stage_config(s, blocks["stage3"], out, "stage3", proxy_teacher, **student_init)).train()
-    t = lap("stage3", t)
-
+    targets = proxy_targets()
+    ready.write_text("proxy ready\n")
+    timings["proxy_cpu"] = round(time.process_time() - t_cpu, 1)  # Stage 1 + the proxy's targets
+    t = lap("stage1_and_proxy_targets", t)
+    eupe_runs(targets, progress=True)
     proxy_model = create_model(str(out / "stage1" / "final"))
-    student = create_model(str(out / "stage3" / "final"))
-    models: dict[str, bench.Featurizer] = {  # teachers at their native sides
-        "teacher_effnet": lambda x: experts["effnet"](x, EFFNET_RESOLUTION),
-        "teacher_ocr": lambda x: experts["ocr"](x, OCR_RESOLUTION),
-        "proxy": bench.encoder_featurizer(proxy_model, s.eval_resolution),
-        "eupe_vitt16": bench.encoder_featurizer(student, s.eval_resolution),
-    }
-    scores = {}
-    bar = tqdm(MODEL_NAMES, desc="demo evaluations")
-    for name in bar:
-        if name == "direct_vitt16":  # evaluated last: its process may still be training
-            bar.set_postfix_str("waiting for the direct ablation")
-            direct = _join_direct(job, out)
-            timings["direct (parallel process)"] = json.loads((out / "direct" / "time.json").read_text())[
-                "seconds"
-            ]
-            models[name] = bench.encoder_featurizer(direct, s.eval_resolution)
-        scores[name] = evaluate(models[name], sets, s)
+    proxy_scores = score(proxy_model)
+    references()
+    t = lap("eupe_runs_and_scores", t)
+    with tqdm(total=1, desc="waiting for the second process") as bar:
+        join_child(child, "second demo")
+        bar.update(1)
+    t = lap("waiting_for_second_process", t)
+    teacher_scores = json.loads((out / "references.json").read_text())
+    per_run = {(r.route, r.budget, r.seed): read_run(r, out) for r in runs}
+    for route in ROUTES:
+        timings[f"{route}_cpu_per_student"] = round(
+            float(np.mean([v["cpu_s"] for (rt, *_), v in per_run.items() if rt == route])), 1
+        )
+    if sweep:
+        return sweep_results(
+            out, list(s.sweep), blocks, runs, per_run, teacher_scores, proxy_scores, timings, t0, machine
+        )
+
+    label = student_label(blocks)
+    scores: dict[str, dict[str, float]] = {**teacher_scores, "proxy": proxy_scores}
+    spreads: dict[str, dict[str, float]] = {n: dict.fromkeys(BENCH_KEYS, 0.0) for n in scores}
+    for route in ROUTES:
+        rows = [per_run[(route, 1, k)]["scores"] for k in range(n_seeds)]
+        scores[f"{route}_{label}"], spreads[f"{route}_{label}"] = mean_and_spread(rows)
+    seed0 = out / runs[0].folder
+    direct = create_model(str(seed0 / "direct" / "final"))
     generalization = expert_fit(
         {
             "proxy": (proxy_model, stage1.students["student"].resolution, out / "stage1"),
-            "direct_vitt16": (direct, direct_cfg.students["student"].resolution, out / "direct"),
+            f"direct_{label}": (direct, blocks["direct"]["student"]["resolution"], seed0 / "direct"),
         },
         experts,
         expert_targets.norm,
-        {
-            "training views": views[:128].float().div(255),
-            "kNN cut-outs": bench.to01(sets["knn"][0]),
+        {  # ~64 images each: the experts run once more over every set
+            "training views": views[:64].float().div(255),
+            "kNN cut-outs": bench.to01(sets["knn"][0][::3]),
             "text photos": bench.to01(sets["text_test"][0]),
         },
     )
-    t = lap("evaluations", t)
-
-    figures.loss_curves({n: out / n for n in STAGES}, out / "loss_curves.png")
+    t = lap("expert_fit", t)
+    runs_dirs = {
+        "stage1 (proxy)": out / "stage1",
+        "stage2 (seed 0)": seed0 / "stage2",
+        "stage3 (seed 0)": seed0 / "stage3",
+        "direct (seed 0)": seed0 / "direct",
+    }
+    figures.loss_curves(runs_dirs, out / "loss_curves.png")
     figures.radar({n: {m: r[m] for m in METRICS} for n, r in scores.items()}, out / "radar.png")
+    featurizers = {
+        **teacher_featurizers(experts),
+        "proxy": bench.encoder_featurizer(proxy_model, s.eval_resolution),
+        "eupe (seed 0)": bench.encoder_featurizer(
+            create_model(str(seed0 / "stage3" / "final")), s.eval_resolution
+        ),
+        "direct (seed 0)": bench.encoder_featurizer(direct, s.eval_resolution),
+    }
     pca_images = np.stack(
         [sets["text_test"][0][0], sets["text_test"][0][1], sets["knn"][0][0], sets["homography"][0][0]]
     )
-    figures.pca_grid(models, pca_images, out / "pca.png")
+    figures.pca_grid(featurizers, pca_images, out / "pca.png")
     lap("figures", t)
     timings["total"] = round(time.perf_counter() - t0, 1)
     results = {
-        "models": {n: {m: r[m] for m in METRICS} for n, r in scores.items()},
+        "models": {
+            n: {**{m: r[m] for m in METRICS}, "spread": {m: spreads[n][m] for m in METRICS}}
+            for n, r in scores.items()
+        },
+        "seeds": list(range(n_seeds)),
         "timings_s": timings,
         "machine": machine,
     }
     details = {
         "models": scores,
+        "spread": spreads,
+        "per_seed": {f"{rt}_{label}/seed_{k}": v for (rt, _b, k), v in per_run.items()},
+        "student": label,
         "expert_fit": generalization,
+        "fit_summary_runs": {n: str(p) for n, p in runs_dirs.items()},
         "settings": {
             "demo": dataclasses.asdict(s),
-            "stages": {n: OmegaConf.to_container(OmegaConf.load(out / n / "config.yaml")) for n in STAGES},
+            "stages": {
+                n: OmegaConf.to_container(OmegaConf.load(p / "config.yaml")) for n, p in runs_dirs.items()
+            },
         },
         "quick": quick,
     }
