@@ -417,7 +417,11 @@ def _cmd_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="same pipeline on less data and fewer steps")
     p.add_argument(
-        "--seeds", type=int, default=None, help="train both routes N times (default: 3; 1 with --sweep)"
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train both routes N times (default: demo.seeds, 3; 2 with --quick; 1 with --sweep)",
     )
     p.add_argument(
         "--sweep",
