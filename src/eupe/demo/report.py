@@ -31,7 +31,7 @@ def format_table(
     cols = BENCH_KEYS
     best = {m: max(r[m] for r in models.values()) for m in cols}
     lines = [
-        "| model | kNN acc | text IoU | PCK@0.1 (all) | PCK warps | PCK graf1->3 |",
+        "| model | kNN acc | text IoU | PCK@0.1 (pooled) | PCK warps | PCK graf1->3 |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in models.items():
@@ -207,8 +207,9 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
         "",
         "kNN: leave-one-out 1-NN (cosine on cls) over held-out Tux Paint cut-outs, 17 categories.",
         "text IoU: linear probe on frozen patch tokens, text-line regions at 56x56.",
-        "PCK@0.1: nearest-patch matching, pooled over random homography warps of held-out photos",
-        "and graf1->graf3 (also shown apart). Teachers run at their native side, students at "
+        "PCK@0.1: nearest-patch matching on the points the warp moves beyond the threshold, pooled",
+        "over random homography warps of held-out photos and graf1->graf3 (also shown apart).",
+        "baseline_position: content-free features (patch position only). Teachers run at their native side, students at "
         f"{details['settings']['demo']['eval_resolution']} px. The teachers and the proxy are trained or "
         "run once, so they have no spread.",
         "",

@@ -53,6 +53,14 @@ class Run:
     def stages(self) -> tuple[str, ...]:
         return ROUTES[self.route]
 
+    def record(self, out: Path) -> Path:
+        """<folder>/<route>.json: the run's CPU seconds and, once scored, its scores."""
+        return out / self.folder / f"{self.route}.json"
+
+    def final(self, out: Path) -> Path:
+        """The student's final/ folder (its last stage's)."""
+        return out / self.folder / self.stages[-1] / "final"
+
 
 def plan_runs(seeds: int, budgets: list[int] | None = None) -> list[Run]:
     """Both routes for seeds 0..seeds-1: the headline run (`budgets` None) or a budget sweep."""
@@ -73,30 +81,27 @@ def stage_block(blocks: dict[str, Any], stage: str, run: Run) -> dict[str, Any]:
     return block
 
 
-def train_run(run: Run, out: Path, configure: Callable[[Run, str], Any], sources: dict[str, Any]) -> Path:
+def train_run(run: Run, out: Path, configure: Callable[[Run, str], Any], sources: dict[str, Any]) -> None:
     """Train the run's stages in order (`configure(run, stage)` gives each DistillConfig, `sources`
-    the precomputed targets by stage; a stage without one runs its teachers live). Returns the
-    student's final/ folder and writes the run's CPU seconds to <folder>/<route>.json."""
+    the precomputed targets by stage; a stage without one runs its teachers live), and write the
+    run's CPU seconds to its record."""
     t = time.process_time()
     for stage in run.stages:
         Distiller(configure(run, stage), source=sources.get(stage)).train()
-    final = out / run.folder / run.stages[-1] / "final"
-    record = out / run.folder / f"{run.route}.json"
-    record.write_text(json.dumps({"cpu_s": round(time.process_time() - t, 1)}) + "\n")
-    return final
+    run.record(out).write_text(json.dumps({"cpu_s": round(time.process_time() - t, 1)}) + "\n")
 
 
 def score_run(run: Run, out: Path, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, Any]:
     """Evaluate the run's final student and add the scores to its record."""
-    record = out / run.folder / f"{run.route}.json"
+    record = run.record(out)
     entry = json.loads(record.read_text())
-    entry["scores"] = evaluate(create_model(str(out / run.folder / run.stages[-1] / "final")))
+    entry["scores"] = evaluate(create_model(str(run.final(out))))
     record.write_text(json.dumps(entry, indent=1) + "\n")
     return entry
 
 
 def read_run(run: Run, out: Path) -> dict[str, Any]:
-    record = out / run.folder / f"{run.route}.json"
+    record = run.record(out)
     if not record.is_file():
         raise EupeError(f"{record} is missing: the {run.route} run for seed {run.seed} did not finish")
     return json.loads(record.read_text())
