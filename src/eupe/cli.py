@@ -493,6 +493,78 @@ def _run_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eupe data index ---------------------------------------------------------------------------
+def _cmd_data(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "data",
+        "data tools: `eupe data index` builds the shared, memory-mapped index of tar/folder/filelist sources",
+        """
+        eupe data index configs/paper/stage2_vitb16.yaml --out /data/index/lvd --workers 32
+        eupe data index tar:/data/laion/shards folder:/data/imagenet/train --out /data/index/mix
+        eupe distill configs/paper/stage2_vitb16.yaml data.index=/data/index/lvd
+    """,
+    )
+    tools = p.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    q = tools.add_parser(
+        "index",
+        help="scan sources once into DIR (16 bytes per image; resumes if killed); a run uses data.index=DIR",
+        description="Scan a distill config's tar/folder/filelist sources (or `type:path` items) once, in "
+        "parallel, into a memory-mapped index that every rank and worker shares. Killed? Run it again: "
+        "finished shards are kept.",
+    )
+    q.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCES",
+        help="a distill YAML config, or type:path items (tar, folder, filelist)",
+    )
+    q.add_argument("--out", required=True, metavar="DIR", help="index folder to write")
+    q.add_argument("--workers", type=int, default=0, help="scanning processes (default 0: this process)")
+    q.set_defaults(run=_run_data_index)
+
+
+def _index_specs(items: list[str]) -> list:
+    from .data import SourceSpec
+    from .data.index import FILE_TYPES
+
+    if len(items) == 1 and items[0].endswith((".yaml", ".yml")):
+        from .distill.config import load_config
+
+        specs = [s for s in load_config(items[0]).data.sources if s.type in FILE_TYPES]
+        if not specs:
+            raise ConfigError(f"{items[0]}: data.sources has no tar, folder or filelist source to index")
+        return specs
+    specs = []
+    for item in items:
+        kind, _, path = item.partition(":")
+        if kind not in FILE_TYPES or not path:
+            raise ConfigError(
+                f"data index: {item!r} is not a config or a type:path item with type in {FILE_TYPES}"
+            )
+        specs.append(SourceSpec(name=f"{kind}{len(specs)}", type=kind, path=path))
+    return specs
+
+
+def _run_data_index(args: argparse.Namespace) -> int:
+    from .data.index import build_index, describe
+
+    meta = build_index(_index_specs(args.sources), args.out, workers=args.workers)
+    summary = describe(meta)
+    for s in summary["sources"]:
+        print(f"{s['name']:20s} {s['type']:9s} {s['items']:>13,d} images")
+    for w in summary["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    size = (Path(args.out) / "entries.npy").stat().st_size
+    print(
+        f"index {args.out}: {summary['items']:,} images in {summary['shards']:,} shards, {size / 2**20:.1f} MiB "
+        f"of entries ({summary['bytes_per_item']} B/image), {meta['seconds']:.1f} s"
+        + (" (already built)" if meta.get("reused") else "")
+    )
+    print(f"use it with: data.index={args.out}")
+    return 0
+
+
 # --- eupe cache-teacher ------------------------------------------------------------------------
 def _cmd_cache_teacher(sub: argparse._SubParsersAction) -> None:
     p = _parser(
@@ -540,6 +612,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_export,
     _cmd_demo,
     _cmd_data_check,
+    _cmd_data,
     _cmd_cache_teacher,
 ]
 

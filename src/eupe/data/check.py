@@ -76,7 +76,7 @@ def check_sources(
             if error is not None:
                 per[s]["bad"] += 1
                 if len(bad) < MAX_LISTED:
-                    bad.append({"file": f"{sources[s].spec.name}:{sources[s].keys[i]}", "reason": error})
+                    bad.append({"file": f"{sources[s].spec.name}:{sources[s].key(i)}", "reason": error})
             else:
                 per[s]["sides"].append(min(size))
     finally:

@@ -1,38 +1,31 @@
-"""Image sources: an indexed, sorted list of items each source can decode on demand.
+"""Image sources: numbered items, each with a stable key, decoded on demand.
 
-Indexing only lists names (folder walk, list file, tar headers), so it is cheap and the same on
-every rank; decoding happens in the loader's workers. A file that does not decode (corrupt,
+Tar, folder and file-list sources read their items through an `Index` (data/index.py: 16 bytes
+per image, memory-mapped when built once with `eupe data index`); decoding happens in the loader's
+workers. A file that does not decode (corrupt,
 truncated, not an image) raises `BadImage`, which the loader counts and replaces; it never ends a
 run.
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import math
 import os
-import tarfile
-import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError
 from .config import SourceSpec
+from .index import FILE_TYPES, IMAGE_EXTENSIONS, Index
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 # Refuse decompression bombs loudly but per-file: PIL raises DecompressionBombError above this.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
 
 class BadImage(Exception):
     """One item could not be decoded into an RGB image (the reason is the message)."""
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def decode_image(data: bytes | str | os.PathLike, what: str, min_side: int = 0) -> Image.Image:
@@ -57,125 +50,86 @@ def decode_image(data: bytes | str | os.PathLike, what: str, min_side: int = 0) 
 
 
 class Source:
-    """Base: `keys[i]` names item i (stable across runs); `load(i)` decodes it."""
+    """Base: `key(i)` names item i (stable across runs); `load(i, min_side)` decodes it."""
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
-        self.min_side = 0  # see decode_image; set by open_source
 
     def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def keys(self) -> list[str]:
         raise NotImplementedError
 
-    def load(self, index: int) -> Image.Image:
+    def key(self, index: int) -> str:
+        raise NotImplementedError
+
+    def load(self, index: int, min_side: int = 0) -> Image.Image:
+        """Item `index` as RGB; `min_side` > 0 allows a reduced JPEG decode (see decode_image)."""
         raise NotImplementedError
 
 
-class FolderSource(Source):
-    """Every image file under `path`, recursively, sorted by relative path."""
+class IndexedSource(Source):
+    """A tar / folder / filelist source read through an `Index` (16 bytes per image, shared).
 
-    def __init__(self, spec: SourceSpec):
-        super().__init__(spec)
-        root = Path(spec.path)
-        if not root.is_dir():
-            raise ConfigError(f"data source {spec.name!r}: folder {spec.path!r} does not exist")
-        self.root = root
-        found = []
-        seen: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink cycle (or a second link to the same folder): walk it once
-                dirnames.clear()
-                continue
-            seen.add(real)
-            dirnames.sort()
-            rel = os.path.relpath(dirpath, root)
-            found += [os.path.normpath(os.path.join(rel, f)) for f in filenames if _is_image(f)]
-        self._keys = sorted(found)
-
-    @property
-    def keys(self) -> list[str]:
-        return self._keys
-
-    def load(self, index: int) -> Image.Image:
-        return decode_image(
-            self.root / self._keys[index], f"{self.spec.name}:{self._keys[index]}", self.min_side
-        )
-
-
-class FileListSource(Source):
-    """A text file with one image path per line (relative to the list's folder; '#' comments)."""
-
-    def __init__(self, spec: SourceSpec):
-        super().__init__(spec)
-        path = Path(spec.path)
-        if not path.is_file():
-            raise ConfigError(f"data source {spec.name!r}: file list {spec.path!r} does not exist")
-        self.root = path.parent
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-        self._keys = [ln for ln in lines if ln and not ln.startswith("#")]
-
-    @property
-    def keys(self) -> list[str]:
-        return self._keys
-
-    def load(self, index: int) -> Image.Image:
-        key = self._keys[index]
-        file = Path(key) if os.path.isabs(key) else self.root / key
-        if not file.is_file():
-            raise BadImage(f"{self.spec.name}:{key}: no such file")
-        return decode_image(file, f"{self.spec.name}:{key}", self.min_side)
-
-
-class TarSource(Source):
-    """Webdataset-style shards: image members of uncompressed .tar files, read by offset.
-
-    `path` is a .tar file, a folder of .tar files, or a glob. Member offsets are read once from
-    the headers, so a worker reads one member with a seek instead of scanning the shard.
+    Tar members are read with one `pread` from a per-process cache of open shard files; folder and
+    file-list items are paths (relative to the folder, or to the list's folder) opened on demand.
+    A tar item's key is `<shard file>@<member offset>`, a path item's key is its path.
     """
 
-    def __init__(self, spec: SourceSpec):
+    MAX_OPEN = 64  # open shard files kept per process
+
+    def __init__(self, spec: SourceSpec, index: Index, record: dict):
         super().__init__(spec)
-        p = spec.path
-        shards = sorted(glob.glob(os.path.join(p, "*.tar"))) if os.path.isdir(p) else sorted(glob.glob(p))
-        if not shards:
-            raise ConfigError(
-                f"data source {spec.name!r}: no .tar shards at {p!r} (a .tar, a folder or a glob)"
-            )
-        self.shards = shards
-        self._keys: list[str] = []
-        self._where: list[tuple[int, int, int]] = []  # (shard, data offset, size)
-        for s, shard in enumerate(shards):
-            try:
-                with tarfile.open(shard, mode="r:") as tar:
-                    for m in tar:
-                        if m.isfile() and _is_image(m.name):
-                            self._keys.append(f"{os.path.basename(shard)}/{m.name}")
-                            self._where.append((s, m.offset_data, m.size))
-            except (tarfile.TarError, EOFError, OSError) as e:
-                # A damaged shard keeps the members indexed before the damage; the rest are lost.
-                kept = sum(1 for w in self._where if w[0] == s)
-                warnings.warn(
-                    f"data source {spec.name!r}: shard {shard} is damaged; using the {kept} members "
-                    f"before the damage ({e})",
-                    stacklevel=2,
-                )
+        self.index = index
+        self.first, self.count = (int(v) for v in record["items"])
+        self.tar = spec.type == "tar"
+        self.root = record["path"] if spec.type == "folder" else os.path.dirname(record["path"])
+        self._fds: dict[int, int] = {}
 
-    @property
-    def keys(self) -> list[str]:
-        return self._keys
+    def __len__(self) -> int:
+        return self.count
 
-    def load(self, index: int) -> Image.Image:
-        s, offset, size = self._where[index]
-        with open(self.shards[s], "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+    def _entry(self, index: int) -> np.void:
+        if not 0 <= index < self.count:
+            raise IndexError(f"{self.spec.name}: item {index} is outside [0, {self.count})")
+        return self.index.entries[self.first + index]
+
+    def key(self, index: int) -> str:
+        e = self._entry(index)
+        if self.tar:
+            return f"{os.path.basename(self.index.shard_path(int(e['shard'])))}@{int(e['offset'])}"
+        return self.index.name(e)
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= self.MAX_OPEN:
+                for old in self._fds.values():
+                    os.close(old)
+                self._fds.clear()
+            fd = self._fds[shard] = os.open(self.index.shard_path(shard), os.O_RDONLY)
+        return os.pread(fd, size, offset)
+
+    def load(self, index: int, min_side: int = 0) -> Image.Image:
+        e = self._entry(index)
+        what = f"{self.spec.name}:{self.key(index)}"
+        if not self.tar:
+            name = self.index.name(e)
+            file = name if os.path.isabs(name) else os.path.join(self.root, name)
+            if not os.path.isfile(file):
+                raise BadImage(f"{what}: no such file")
+            return decode_image(file, what, min_side)
+        shard, offset, size = int(e["shard"]), int(e["offset"]), int(e["size"])
+        try:
+            data = self._read(shard, offset, size)
+        except OSError as err:
+            raise BadImage(f"{what}: {err}") from None
         if len(data) != size:
-            raise BadImage(f"{self.spec.name}:{self._keys[index]}: shard ends inside the member")
-        return decode_image(data, f"{self.spec.name}:{self._keys[index]}", self.min_side)
+            raise BadImage(f"{what}: shard ends inside the member")
+        try:
+            return decode_image(data, what, min_side)
+        except BadImage as err:  # name the member too (its tar header sits just before the data)
+            header = self._read(shard, offset - 512, 100) if offset >= 512 else b""
+            member = header.split(b"\0", 1)[0].decode("utf-8", "replace")
+            raise BadImage(f"{err} (member {member})") from None
 
 
 class SyntheticSource(Source):
@@ -184,13 +138,14 @@ class SyntheticSource(Source):
     def __init__(self, spec: SourceSpec, seed: int = 0):
         super().__init__(spec)
         self.seed = seed
-        self._keys = [f"synthetic/{i:08d}" for i in range(spec.size)]
 
-    @property
-    def keys(self) -> list[str]:
-        return self._keys
+    def __len__(self) -> int:
+        return self.spec.size
 
-    def load(self, index: int) -> Image.Image:
+    def key(self, index: int) -> str:
+        return f"synthetic/{index:08d}"
+
+    def load(self, index: int, min_side: int = 0) -> Image.Image:
         return Image.fromarray(synthetic_image(self.seed, index, self.spec.image_size))
 
 
@@ -213,14 +168,16 @@ class ViewsSource(Source):
                 f"data source {spec.name!r}: {spec.path!r} is not a safetensors file with a `views` "
                 f"tensor ({type(e).__name__})"
             ) from None
-        self._keys = [f"view/{i:07d}" for i in range(int(shape[0]))]
+        self.count = int(shape[0])
         self._views = None
 
-    @property
-    def keys(self) -> list[str]:
-        return self._keys
+    def __len__(self) -> int:
+        return self.count
 
-    def load(self, index: int) -> Image.Image:
+    def key(self, index: int) -> str:
+        return f"view/{index:07d}"
+
+    def load(self, index: int, min_side: int = 0) -> Image.Image:
         if self._views is None:  # opened lazily: once per DataLoader worker, memory-mapped
             from safetensors import safe_open
 
@@ -251,18 +208,22 @@ def synthetic_image(seed: int, index: int, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def open_source(spec: SourceSpec, seed: int = 0, min_side: int = 0) -> Source:
-    """Index one configured source (ConfigError when it is missing or holds no images)."""
-    kinds = {"folder": FolderSource, "filelist": FileListSource, "tar": TarSource, "views": ViewsSource}
+def open_source(spec: SourceSpec, seed: int = 0, index: Index | None = None) -> Source:
+    """Open one configured source (ConfigError when it is missing or holds no images). Tar, folder
+    and filelist sources are read through `index` (`Index.open` of data.index, or `Index.scan`)."""
     if spec.type == "synthetic":
         source: Source = SyntheticSource(spec, seed)
-    elif spec.type in kinds:
-        source = kinds[spec.type](spec)
+    elif spec.type == "views":
+        source = ViewsSource(spec)
+    elif spec.type in FILE_TYPES:
+        index = index if index is not None else Index.scan([spec])
+        record = index.find(spec)
+        index.check_shards(record)
+        source = IndexedSource(spec, index, record)
     else:
         raise ConfigError(
-            f"data source {spec.name!r}: type={spec.type!r} is not one of synthetic, {', '.join(kinds)}"
+            f"data source {spec.name!r}: type={spec.type!r} is not one of synthetic, views, {', '.join(FILE_TYPES)}"
         )
-    source.min_side = min_side
     if len(source) == 0:
         raise ConfigError(
             f"data source {spec.name!r}: no images found at {spec.path!r} ({', '.join(IMAGE_EXTENSIONS)})"
