@@ -1,8 +1,11 @@
 """Image sources, mixing, augmentation, resolution pyramids, the teacher-feature cache."""
 
-from .augment import apply_params, make_view, replay_view, sample_params
-from .config import AugmentConfig, DataConfig, SourceSpec, validate_data
+from .augment import apply_params, crop_view, make_view, replay_view, sample_params
+from .config import AugmentConfig, DataConfig, SourceSpec, decode_side, validate_data
+from .index import Index, build_index
 from .loader import Batch, Loader, build_loader, load_source_image, open_sources, shard_items
+from .order import Shuffle
+from .photometric import finish_views
 from .sources import IMAGE_EXTENSIONS, BadImage, decode_image, open_source, synthetic_image
 
 __all__ = [
@@ -11,10 +14,16 @@ __all__ = [
     "BadImage",
     "Batch",
     "DataConfig",
+    "Index",
     "Loader",
+    "Shuffle",
     "SourceSpec",
     "apply_params",
+    "build_index",
     "build_loader",
+    "crop_view",
+    "decode_side",
+    "finish_views",
     "load_source_image",
     "make_view",
     "open_sources",

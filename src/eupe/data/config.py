@@ -6,7 +6,9 @@ overridden on the command line, e.g. `data.curated_prob=0.2 data.augment.solariz
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -65,11 +67,17 @@ class DataConfig:
 
     curated_prob: probability that a whole (global) batch comes from the curated sources
         (paper section 3.4: 10% ImageNet); ignored when no source is curated.
-    num_workers: DataLoader worker processes for decoding + augmentation (0: in the main process).
-        Results do not depend on it.
-    decode_min_side: > 0 lets large JPEGs decode at 1/2, 1/4 or 1/8 scale while both sides stay
-        >= this many pixels (much faster for multi-megapixel photos; 0 decodes at full size). Set
-        it to at least the largest view side you train at.
+    index: a folder written by `eupe data index` covering the tar/folder/filelist sources (16 bytes
+        per image, memory-mapped by every rank and worker); None scans them at start-up instead.
+    num_workers: DataLoader worker processes for decoding + cropping (0: in the main process).
+        Results do not depend on it. `persistent_workers` and `prefetch_factor` (batches in
+        flight per worker) are passed to the DataLoader.
+    decode_min_side: "auto" (default) lets large JPEGs decode at 1/2, 1/4 or 1/8 scale while both
+        sides stay >= view side / sqrt(augment.crop_scale[0]) (so even the smallest crop is not
+        upsampled); an int sets that side (0 decodes at full size). Recorded in each view's params.
+    device_augment: colour jitter, blur and solarize run batched on the training device from each
+        view's recorded parameters, and batches travel as uint8 (pinned); None (default) = on when
+        the device is CUDA. False runs them per view in the workers (float32 batches).
     teacher_cache: a teacher-feature cache folder to read targets from instead of running teachers
         (see `eupe cache-teacher`); None runs the teachers live.
     """
@@ -77,8 +85,12 @@ class DataConfig:
     sources: list[SourceSpec] = field(default_factory=lambda: [SourceSpec()])
     curated_prob: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    index: str | None = None
     num_workers: int = 0
-    decode_min_side: int = 0
+    persistent_workers: bool = True
+    prefetch_factor: int = 4
+    decode_min_side: Any = "auto"
+    device_augment: bool | None = None
     teacher_cache: str | None = None
 
 
@@ -108,12 +120,15 @@ def validate_data(cfg: DataConfig) -> None:
             raise ConfigError(f"{key}.name={s.name!r} is used by more than one source; names must be unique")
     if not 0.0 <= cfg.curated_prob <= 1.0:
         raise ConfigError(f"data.curated_prob must be in [0, 1]; got {cfg.curated_prob}")
-    if cfg.decode_min_side < 0:
+    d = cfg.decode_min_side
+    if d != "auto" and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
         raise ConfigError(
-            f"data.decode_min_side must be >= 0 (0 = full-size decode); got {cfg.decode_min_side}"
+            f"data.decode_min_side must be 'auto' or an int >= 0 (0 = full-size decode); got {d!r}"
         )
     if cfg.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0; got {cfg.num_workers}")
+    if cfg.prefetch_factor < 1:
+        raise ConfigError(f"data.prefetch_factor must be >= 1; got {cfg.prefetch_factor}")
     a = cfg.augment
     _check_range(a.crop_scale, "data.augment.crop_scale", 1e-4, 1.0)
     _check_range(a.crop_ratio, "data.augment.crop_ratio", 1e-3, 1e3)
@@ -127,3 +142,10 @@ def validate_data(cfg: DataConfig) -> None:
             raise ConfigError(f"data.augment.{name} must be >= 0; got {getattr(a, name)}")
     if not 0.0 <= a.hue <= 0.5:
         raise ConfigError(f"data.augment.hue must be in [0, 0.5]; got {a.hue}")
+
+
+def decode_side(cfg: DataConfig, view_size: int) -> int:
+    """The `min_side` JPEGs are decoded at for views of `view_size` (see `decode_min_side`)."""
+    if cfg.decode_min_side == "auto":
+        return math.ceil(view_size / math.sqrt(float(cfg.augment.crop_scale[0])))
+    return int(cfg.decode_min_side)

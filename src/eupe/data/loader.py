@@ -1,19 +1,21 @@
 """`build_loader`: an endless, deterministic, resumable, rank-sharded stream of augmented batches.
 
-How a batch is chosen (paper section 3.4): at global step k a coin seeded by (seed, k) picks the
-curated stream with probability `curated_prob`, else the pool; the whole global batch comes from
-that stream. Each stream walks a per-epoch permutation (seeded by seed, stream, epoch); a global
-batch takes the next `batch_size x world_size` positions, and rank r takes its contiguous slice,
-so ranks never share an item within an epoch. The state is just (step, position per stream):
-JSON-able, independent of worker count and valid for any world size.
+How a batch is chosen (paper section 3.4): at optimizer step k (every `accum_steps` micro-batches)
+a coin seeded by (seed, k) picks the curated stream with probability `curated_prob`, else the
+pool; every micro-batch of that step, on every rank, comes from that stream. Each stream walks a
+per-epoch keyed permutation (`order.Shuffle`, seeded by seed, stream, epoch: computed per position,
+never stored); a global batch takes the next `batch_size x world_size` positions, and rank r takes
+its contiguous slice, so ranks never share an item within an epoch. The state is just (step,
+position per stream): JSON-able, independent of worker count and valid for any world size.
 
 Every view is augmented from its own generator seeded by (seed, stream, position), and its
-parameters travel with the batch (`Batch.params`) so `replay_view` can rebuild it exactly.
+parameters travel with the batch (`Batch.params`) so `replay_view` can rebuild it exactly. Workers
+decode and crop in uint8; the photometric half runs in the workers or, with `device_augment`,
+batched on the training device after a pinned uint8 copy.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +27,10 @@ from torch.utils.data import DataLoader
 
 from ..errors import EupeError
 from .augment import make_view
-from .config import AugmentConfig, DataConfig, validate_data
+from .config import AugmentConfig, DataConfig, decode_side, validate_data
+from .index import FILE_TYPES, Index
+from .order import Shuffle, round_keys
+from .photometric import finish_views
 from .sources import BadImage, Source, open_source
 
 STREAMS = ("pool", "curated")
@@ -35,7 +40,7 @@ MAX_EXAMPLES = 20
 
 @dataclass
 class Batch:
-    """views: float32 [B,3,S,S] in [0,1]; params: one replayable dict per view."""
+    """views: float32 [B,3,S,S] in [0,1] (on the loader's device); params: one replayable dict per view."""
 
     views: torch.Tensor
     params: list[dict[str, Any]]
@@ -51,14 +56,15 @@ class _Stream:
     """The items of one stream (concatenated sources) addressed by a global index."""
 
     def __init__(self, source_ids: list[int], sizes: list[int]):
-        self.source_ids = source_ids
-        self.starts = np.cumsum([0] + [sizes[i] for i in source_ids]).tolist()
+        self.source_ids = np.asarray(source_ids, dtype=np.int64)
+        self.starts = np.cumsum([0] + [sizes[i] for i in source_ids]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def locate(self, g: int) -> tuple[int, int]:
-        j = bisect.bisect_right(self.starts, g) - 1
+    def locate(self, g: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index within it) of global item(s) g."""
+        j = np.searchsorted(self.starts, g, side="right") - 1
         return self.source_ids[j], g - self.starts[j]
 
 
@@ -66,17 +72,22 @@ class _Plan:
     """Which items make up each batch: pure arithmetic on (seed, step, positions)."""
 
     def __init__(
-        self, streams: dict[str, _Stream], seed: int, curated_prob: float, batch: int, rank: int, world: int
+        self,
+        streams: dict[str, _Stream],
+        seed: int,
+        curated_prob: float,
+        batch: int,
+        rank: int,
+        world: int,
+        accum: int = 1,
     ):
         self.streams, self.seed, self.p = streams, seed, curated_prob
-        self.batch, self.rank, self.world = batch, rank, world
+        self.batch, self.rank, self.world, self.accum = batch, rank, world, accum
         self.step = 0
         self.pos = {name: 0 for name in streams}
-        self._perm: dict[str, tuple[int, np.ndarray]] = {}  # per stream: (epoch, permutation)
 
     def clone(self) -> _Plan:
-        """Same arithmetic and position, without the (possibly large) permutation cache."""
-        other = _Plan(self.streams, self.seed, self.p, self.batch, self.rank, self.world)
+        other = _Plan(self.streams, self.seed, self.p, self.batch, self.rank, self.world, self.accum)
         other.set_state(self.state())
         return other
 
@@ -88,30 +99,31 @@ class _Plan:
         self.pos = {name: int(state["pos"].get(name, 0)) for name in self.streams}
 
     def _pick_stream(self, step: int) -> str:
+        """The stream of micro-batch `step`: one coin per optimizer step (`accum` micro-batches)."""
         if len(self.streams) == 1:
             return next(iter(self.streams))
-        coin = np.random.default_rng([self.seed, step, 0xC0]).random()
+        coin = np.random.default_rng([self.seed, step // self.accum, 0xC0]).random()
         return "curated" if coin < self.p else "pool"
 
-    def _item(self, name: str, position: int) -> int:
+    def items(self, name: str, positions: np.ndarray) -> np.ndarray:
+        """The stream's global items at these positions (epoch e: the e-th keyed shuffle)."""
         n = len(self.streams[name])
-        epoch, offset = divmod(position, n)
-        cached = self._perm.get(name)
-        if cached is None or cached[0] != epoch:
-            sid = STREAMS.index(name)
-            perm = np.random.default_rng([self.seed, sid, epoch, 0xE9]).permutation(n)
-            cached = (epoch, perm.astype(np.uint32) if n < 2**32 else perm)  # uint32: half the memory
-            self._perm[name] = cached
-        return int(cached[1][offset])
+        epochs, offsets = np.divmod(positions, n)
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            at = epochs == epoch
+            keys = round_keys(self.seed, STREAMS.index(name), int(epoch), 0xE9)
+            out[at] = Shuffle(n, keys)(offsets[at])
+        return out
 
     def next(self) -> tuple[str, int, list[tuple[int, int, int, int]]]:
         """(stream, step, entries) for this rank; entries are (stream id, position, source, index)."""
         name = self._pick_stream(self.step)
         start = self.pos[name] + self.rank * self.batch
-        entries = []
-        for position in range(start, start + self.batch):
-            src, idx = self.streams[name].locate(self._item(name, position))
-            entries.append((STREAMS.index(name), position, src, idx))
+        positions = np.arange(start, start + self.batch, dtype=np.int64)
+        src, idx = self.streams[name].locate(self.items(name, positions))
+        sid = STREAMS.index(name)
+        entries = [(sid, int(p), int(s), int(i)) for p, s, i in zip(positions, src, idx)]
         step = self.step
         self.pos[name] += self.batch * self.world
         self.step += 1
@@ -119,12 +131,21 @@ class _Plan:
 
 
 class _Views(torch.utils.data.Dataset):
-    """Decodes and augments one plan entry (runs in DataLoader workers or in-process)."""
+    """Decodes and crops one plan entry, and finishes it unless the device will (runs in DataLoader
+    workers or in-process)."""
 
     def __init__(
-        self, sources: list[Source], streams: dict[str, _Stream], aug: AugmentConfig, size: int, seed: int
+        self,
+        sources: list[Source],
+        streams: dict[str, _Stream],
+        aug: AugmentConfig,
+        size: int,
+        seed: int,
+        min_side: int,
+        finish: bool,
     ):
         self.sources, self.streams, self.aug, self.size, self.seed = sources, streams, aug, size, seed
+        self.min_side, self.finish = min_side, finish
 
     def __len__(self) -> int:  # never used for sampling; the plan drives the loader
         return sum(len(s) for s in self.sources)
@@ -138,24 +159,31 @@ class _Views(torch.utils.data.Dataset):
         for attempt in range(MAX_REPLACEMENTS + 1):
             source = self.sources[src]
             try:
-                image = source.load(idx)
+                image = source.load(idx, self.min_side)
                 break
             except BadImage as e:
-                skipped.append({"file": f"{source.spec.name}:{source.keys[idx]}", "reason": str(e)})
+                skipped.append({"file": f"{source.spec.name}:{source.key(idx)}", "reason": str(e)})
                 # A deterministic stand-in from the same stream keeps batch size and determinism.
                 g = int(
                     np.random.default_rng([self.seed, sid, position, attempt + 1, 0xBAD]).integers(
                         len(stream)
                     )
                 )
-                src, idx = stream.locate(g)
+                src, idx = (int(v) for v in stream.locate(g))
         else:
             raise EupeError(
                 f"data: {MAX_REPLACEMENTS + 1} unreadable images in a row (last: {skipped[-1]['reason']}); "
                 "is the source mostly corrupt? check data.sources"
             )
-        view, params = make_view(image, self.aug, self.size, [self.seed, sid, position, 0xA6])
-        params.update(source=src, source_name=source.spec.name, key=source.keys[idx], index=idx)
+        seed = [self.seed, sid, position, 0xA6]
+        view, params = make_view(image, self.aug, self.size, seed, finish=self.finish)
+        params.update(
+            source=src,
+            source_name=source.spec.name,
+            key=source.key(idx),
+            index=idx,
+            decode_min_side=self.min_side,
+        )
         return view, params, skipped
 
 
@@ -177,20 +205,37 @@ class _PlanSampler:
 
 
 class Loader:
-    """Iterator of `Batch`es with `state_dict()`/`load_state_dict()` and `stats()`."""
+    """Iterator of `Batch`es with `state_dict()`/`load_state_dict()` and `stats()`.
+
+    `device`: where batches are delivered (None: the CPU). With `data.device_augment` (default:
+    on for CUDA) the workers send uint8 crops in pinned memory and the photometric half runs
+    batched on `device`. `accum_steps`: micro-batches per optimizer step (one curated coin each).
+    """
 
     def __init__(
-        self, cfg: DataConfig, batch_size: int, view_size: int, seed: int, rank: int, world_size: int
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        view_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        device: torch.device | str | None = None,
+        accum_steps: int = 1,
     ):
         validate_data(cfg)
-        if batch_size <= 0 or view_size <= 0:
+        if batch_size <= 0 or view_size <= 0 or accum_steps <= 0:
             raise EupeError(
-                f"build_loader: batch_size and view_size must be > 0; got {batch_size}, {view_size}"
+                f"build_loader: batch_size, view_size and accum_steps must be > 0; got {batch_size}, "
+                f"{view_size}, {accum_steps}"
             )
         if not 0 <= rank < world_size:
             raise EupeError(f"build_loader: rank {rank} is outside world_size {world_size}")
         self.cfg, self.batch_size, self.view_size, self.seed = cfg, batch_size, view_size, seed
         self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        on = cfg.device_augment
+        self.device_augment = self.device.type == "cuda" if on is None else bool(on)
         self.sources = open_sources(cfg, seed)
         sizes = [len(s) for s in self.sources]
         curated = [i for i, s in enumerate(cfg.sources) if s.curated]
@@ -198,11 +243,20 @@ class Loader:
         self.streams = {
             name: _Stream(ids, sizes) for name, ids in (("pool", pool), ("curated", curated)) if ids
         }
-        self.plan = _Plan(self.streams, seed, cfg.curated_prob, batch_size, rank, world_size)
-        self.dataset = _Views(self.sources, self.streams, cfg.augment, view_size, seed)
+        self.plan = _Plan(self.streams, seed, cfg.curated_prob, batch_size, rank, world_size, accum_steps)
+        self.dataset = _Views(
+            self.sources,
+            self.streams,
+            cfg.augment,
+            view_size,
+            seed,
+            decode_side(cfg, view_size),
+            finish=not self.device_augment,
+        )
         self.skipped = 0
         self.bad: dict[str, str] = {}
         self._it: Iterator | None = None
+        self._dl: DataLoader | None = None
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Loader:
@@ -211,15 +265,19 @@ class Loader:
     def _start(self) -> Iterator:
         if self.cfg.num_workers == 0:
             return (self._in_process(entries) for entries in _PlanSampler(self.plan))
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=_PlanSampler(self.plan),
-            num_workers=self.cfg.num_workers,
-            collate_fn=_collate,
-            persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),  # so the trainer's non_blocking copy overlaps
-        )
-        return iter(loader)
+        if self._dl is None:
+            self._dl = DataLoader(
+                self.dataset,
+                batch_sampler=_PlanSampler(self.plan),
+                num_workers=self.cfg.num_workers,
+                collate_fn=_collate,
+                persistent_workers=self.cfg.persistent_workers,
+                prefetch_factor=self.cfg.prefetch_factor,
+                pin_memory=self.device.type == "cuda",  # so the copy to the device overlaps
+            )
+        else:  # a resume: the same workers continue from the restored plan
+            self._dl.batch_sampler.plan = self.plan.clone()
+        return iter(self._dl)
 
     def _in_process(self, entries: list[tuple[int, int, int, int]]) -> tuple:
         # Per-image ops on small tensors only lose from intra-op threads (like DataLoader workers).
@@ -239,6 +297,9 @@ class Loader:
         for s in skipped:
             if len(self.bad) < MAX_EXAMPLES or s["file"] in self.bad:
                 self.bad[s["file"]] = s["reason"]
+        views = views.to(self.device, non_blocking=True)
+        if self.device_augment:
+            views = finish_views(views, params)
         return Batch(views=views, params=params, stream=stream, step=step, skipped=skipped)
 
     # -- resume ----------------------------------------------------------------------------
@@ -285,8 +346,16 @@ class Loader:
 
 
 def open_sources(cfg: DataConfig, seed: int = 0) -> list[Source]:
-    """Index every configured source, in config order (`params["source"]` indexes this list)."""
-    return [open_source(s, seed, cfg.decode_min_side) for s in cfg.sources]
+    """Open every configured source, in config order (`params["source"]` indexes this list). Tar,
+    folder and filelist sources are read through `data.index` (checked against them), or through an
+    index scanned in memory now when none is set."""
+    files = [s for s in cfg.sources if s.type in FILE_TYPES]
+    index = None
+    if cfg.index:
+        index = Index.open(cfg.index)
+    elif files:
+        index = Index.scan(files)
+    return [open_source(s, seed, index) for s in cfg.sources]
 
 
 def shard_items(sources: list[Source], rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, int, str]]:
@@ -297,26 +366,34 @@ def shard_items(sources: list[Source], rank: int = 0, world_size: int = 1) -> It
     """
     g = 0
     for s, source in enumerate(sources):
-        for i, key in enumerate(source.keys):
-            if g % world_size == rank:
-                yield s, i, key
-            g += 1
+        for i in range((rank - g) % world_size, len(source), world_size):
+            yield s, i, source.key(i)
+        g += len(source)
 
 
 def load_source_image(sources: list[Source], params: dict[str, Any]) -> Image.Image:
-    """Decode the image a recorded view was cut from; errors if the source changed since."""
+    """Decode the image a recorded view was cut from (at the view's recorded decode size); errors
+    if the source changed since."""
     source = sources[int(params["source"])]
     index = int(params["index"])
-    if index >= len(source) or source.keys[index] != params["key"]:
+    if index >= len(source) or source.key(index) != params["key"]:
         raise EupeError(
             f"data: source {source.spec.name!r} no longer has {params['key']!r} at index {index}; "
             "the dataset changed since the view was recorded"
         )
-    return source.load(index)
+    return source.load(index, int(params.get("decode_min_side", 0)))
 
 
 def build_loader(
-    cfg: DataConfig, batch_size: int, view_size: int, seed: int, rank: int = 0, world_size: int = 1
+    cfg: DataConfig,
+    batch_size: int,
+    view_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+    accum_steps: int = 1,
 ) -> Loader:
-    """The training stream of one rank: `batch_size` views of side `view_size` per batch."""
-    return Loader(cfg, batch_size, view_size, seed, rank, world_size)
+    """The training stream of one rank: `batch_size` views of side `view_size` per batch, delivered
+    on `device`; `accum_steps` micro-batches share one curated/pool coin (see `Loader`)."""
+    return Loader(cfg, batch_size, view_size, seed, rank, world_size, device, accum_steps)

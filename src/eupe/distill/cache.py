@@ -33,6 +33,9 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataConfig, load_source_image, open_sources, replay_view
+from ..data.augment import crop_view
+from ..data.order import Shuffle, round_keys
+from ..data.photometric import finish_views
 from ..errors import ConfigError, EupeError
 from ..models.encoder import EncoderOutput
 from ..models.teacher_norm import TeacherNorm
@@ -82,7 +85,14 @@ class TeacherCache:
         return self.meta["teachers"]
 
     def loader(
-        self, data: DataConfig, batch_size: int, view_size: int, seed: int, rank: int, world: int
+        self,
+        data: DataConfig,
+        batch_size: int,
+        view_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        device: torch.device | str | None = None,
     ) -> CacheLoader:
         if view_size != int(self.meta["view_size"]):
             raise ConfigError(
@@ -90,15 +100,15 @@ class TeacherCache:
                 f"{view_size} px views (the largest student/teacher side); rebuild the cache with the "
                 "run's config"
             )
-        return CacheLoader(self, data, batch_size, view_size, seed, rank, world)
+        return CacheLoader(self, data, batch_size, view_size, seed, rank, world, device)
 
 
 class _CachedViews(Dataset):
     """Entry -> (replayed view, {teacher: (cls, patches)} rows, params); runs in workers."""
 
-    def __init__(self, cache: TeacherCache, data: DataConfig, view_size: int, seed: int):
+    def __init__(self, cache: TeacherCache, data: DataConfig, view_size: int, seed: int, finish: bool = True):
         self.dir, self.entries, self.teachers = cache.dir, cache.entries, list(cache.teachers)
-        self.data, self.view_size, self.seed = data, view_size, seed
+        self.data, self.view_size, self.seed, self.finish = data, view_size, seed, finish
         self._sources = None
         self._files: dict[str, Any] = {}
 
@@ -116,7 +126,11 @@ class _CachedViews(Dataset):
         if self._sources is None:
             self._sources = open_sources(self.data, self.seed)
         params = e["params"]
-        view = replay_view(load_source_image(self._sources, params), params, self.view_size)
+        image = load_source_image(self._sources, params)
+        if self.finish:
+            view = replay_view(image, params, self.view_size)
+        else:  # the photometric half runs batched on the device (data.device_augment)
+            view = crop_view(image, params, self.view_size)
         return view, self._rows(e["shard"], int(e["row"])), params
 
 
@@ -148,10 +162,14 @@ class CacheLoader:
         seed: int,
         rank: int,
         world: int,
+        device: torch.device | str | None = None,
     ):
         self.cache, self.data, self.batch, self.seed = cache, data, batch_size, seed
         self.rank, self.world = rank, world
-        self.dataset = _CachedViews(cache, data, view_size, seed)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        on = data.device_augment
+        self.device_augment = self.device.type == "cuda" if on is None else bool(on)
+        self.dataset = _CachedViews(cache, data, view_size, seed, finish=not self.device_augment)
         self.grids = {t: tuple(m["grid"]) for t, m in cache.teachers.items()}
         self.step, self.pos = 0, 0
         self._it = None
@@ -159,15 +177,13 @@ class CacheLoader:
     def _indices(self, step_pos: int) -> list[int]:
         """This rank's views of the global batch starting at position `step_pos`."""
         n = len(self.dataset)
-        out = []
         start = step_pos + self.rank * self.batch
-        for p in range(start, start + self.batch):
-            epoch, offset = divmod(p, n)
-            if getattr(self, "_epoch", None) != epoch:
-                self._epoch = epoch
-                self._perm = np.random.default_rng([self.seed, epoch, VIEW_SEED]).permutation(n)
-            out.append(int(self._perm[offset]))
-        return out
+        epochs, offsets = np.divmod(np.arange(start, start + self.batch, dtype=np.int64), n)
+        out = np.empty_like(offsets)
+        for epoch in np.unique(epochs):  # a keyed shuffle per epoch, never materialised
+            at = epochs == epoch
+            out[at] = Shuffle(n, round_keys(self.seed, int(epoch), VIEW_SEED))(offsets[at])
+        return out.tolist()
 
     def _sampler(self):
         pos = self.pos
@@ -187,12 +203,16 @@ class CacheLoader:
                         batch_sampler=self._sampler(),
                         num_workers=self.data.num_workers,
                         collate_fn=_collate,
-                        pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=self.data.prefetch_factor,
+                        pin_memory=self.device.type == "cuda",
                     )
                 )
             else:
                 self._it = (_collate([self.dataset[i] for i in idx]) for idx in self._sampler())
         views, rows, params = next(self._it)
+        views = views.to(self.device, non_blocking=True)
+        if self.device_augment:
+            views = finish_views(views, params)
         self.step += 1
         self.pos += self.batch * self.world
         targets = {

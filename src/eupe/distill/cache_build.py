@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data import BadImage, build_loader, make_view, open_sources, shard_items
+from ..data.config import decode_side
 from ..errors import ConfigError
 from ..models.teacher_norm import TeacherNorm
 from ..runtime import init_distributed, pick_device, seed_everything
@@ -75,8 +76,9 @@ class _ImageViews(Dataset):
             self._sources = open_sources(self.cfg.data, self.cfg.seed)
         src, idx, key = self.items[i]
         source = self._sources[src]
+        min_side = decode_side(self.cfg.data, self.view_size)
         try:
-            image = source.load(idx)
+            image = source.load(idx, min_side)
         except BadImage as e:
             return [], [], f"{source.spec.name}:{key}: {e}"
         views, params = [], []
@@ -84,7 +86,9 @@ class _ImageViews(Dataset):
             view, p = make_view(
                 image, self.cfg.data.augment, self.view_size, [self.cfg.seed, src, idx, k, VIEW_SEED]
             )
-            p.update(source=src, source_name=source.spec.name, key=key, index=idx, view=k)
+            p.update(
+                source=src, source_name=source.spec.name, key=key, index=idx, view=k, decode_min_side=min_side
+            )
             views.append(view)
             params.append(p)
         return views, params, None
@@ -100,9 +104,10 @@ def _measure_norm(
     progress: bool,
 ) -> TeacherNorm:
     norm = TeacherNorm({n: (t.cls_dim, t.patch_dim) for n, t in teachers.items()}).to(device)
-    loader = build_loader(cfg.data, micro_batch(cfg), view_size, cfg.seed, rank, world)
-    n = cfg.norm.batches * cfg.train.accum_steps  # norm.batches counts optimizer steps
-    views = (next(loader).views.to(device) for _ in tqdm(range(n), desc="TeacherNorm", disable=not progress))
+    accum = cfg.train.accum_steps
+    loader = build_loader(cfg.data, micro_batch(cfg), view_size, cfg.seed, rank, world, device, accum)
+    n = cfg.norm.batches * accum  # norm.batches counts optimizer steps
+    views = (next(loader).views for _ in tqdm(range(n), desc="TeacherNorm", disable=not progress))
     return measure_norm(norm, teachers, views)
 
 

@@ -36,7 +36,17 @@ class TargetSource:
     norm: TeacherNorm
     sides: dict[str, int]
 
-    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
+    def loader(
+        self,
+        data: Any,
+        batch_size: int,
+        view_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        device=None,
+        accum=1,
+    ) -> Any:
         raise NotImplementedError
 
     def prepare(self, next_batch: Callable[[], Any], batches: int, progress: bool) -> None:
@@ -79,10 +89,18 @@ class LiveTeachers(TargetSource):
         self.sides = {n: int(t.resolution) for n, t in self.teachers.items()}
         self.norm = TeacherNorm(self.dims).to(device)
 
-    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
-        return build_loader(
-            data, batch_size=batch_size, view_size=view_size, seed=seed, rank=rank, world_size=world
-        )
+    def loader(
+        self,
+        data: Any,
+        batch_size: int,
+        view_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        device=None,
+        accum=1,
+    ) -> Any:
+        return build_loader(data, batch_size, view_size, seed, rank, world, device, accum)
 
     def prepare(self, next_batch: Callable[[], Any], batches: int, progress: bool) -> None:
         if bool(self.norm.frozen):  # measured before (a resumed run keeps its statistics)
@@ -118,8 +136,18 @@ class CachedTargets(TargetSource):
         self.norm = self.cache.norm.to(device)  # the statistics the targets were normalized with
         self.device = device
 
-    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
-        return self.cache.loader(data, batch_size, view_size, seed, rank, world)
+    def loader(
+        self,
+        data: Any,
+        batch_size: int,
+        view_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        device=None,
+        accum=1,
+    ) -> Any:
+        return self.cache.loader(data, batch_size, view_size, seed, rank, world, device)
 
     def targets(self, batch: Any, resolutions: dict[str, int | None]) -> dict[str, EncoderOutput]:
         return {n: _to(y, self.device) for n, y in batch.targets.items()}
@@ -219,16 +247,24 @@ class PrecomputedTargets(TargetSource):
             norm,
         )
 
-    def loader(self, data: Any, batch_size: int, view_size: int, seed: int, rank: int, world: int) -> Any:
+    def loader(
+        self,
+        data: Any,
+        batch_size: int,
+        view_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        device=None,
+        accum=1,
+    ) -> Any:
         sources = [(src.type, src.name) for src in data.sources]
         if len(sources) != 1 or sources[0][0] != "views":
             raise ConfigError(
                 f"precomputed targets belong to one fixed set of views; data.sources must be that one "
                 f"`views` source, got {sources}"
             )
-        loader = build_loader(
-            data, batch_size=batch_size, view_size=view_size, seed=seed, rank=rank, world_size=world
-        )
+        loader = build_loader(data, batch_size, view_size, seed, rank, world, device, accum)
         if len(loader.sources[0]) != len(self.views):
             raise ConfigError(
                 f"data.sources[0] holds {len(loader.sources[0])} views; the targets were computed for {len(self.views)}"

@@ -103,7 +103,14 @@ class Distiller:
         self.sampler = ScaleSampler(cfg.pyramid, cfg.seed + 1)
         self.micro = micro_batch(cfg)
         self.loader = self.source.loader(
-            cfg.data, self.micro, self.view_size(), cfg.seed, self.rank, self.world
+            cfg.data,
+            self.micro,
+            self.view_size(),
+            cfg.seed,
+            self.rank,
+            self.world,
+            self.device,
+            cfg.train.accum_steps,
         )
         self._setup_checkpointing()
         self.step = 0
