@@ -15,7 +15,9 @@ randomly initialised teacher of the proxy's width (`eupe_proxy_g16`, `--teacher-
   with no synchronization besides the one the trainer marks as allowed (`runtime.allowed_sync`).
 
 The views are made once on the device, so data loading is not in these numbers (the data path is
-measured by benchmarks/data_throughput.py). With 2+ GPUs (or `--procs N`) it then runs 20 DDP and
+measured by benchmarks/data_throughput.py); the photometric half the GPU takes over from the data
+workers (`data.device_augment`) is checked separately: views/s of `finish_views` on the device for
+a batch of 256 px uint8 crops, and its largest difference from the same views finished on the CPU. With 2+ GPUs (or `--procs N`) it then runs 20 DDP and
 20 FSDP2 steps under torchrun (NCCL on GPUs, gloo on the CPU), checkpoint and final save included.
 """
 
@@ -157,6 +159,32 @@ def measure(args: argparse.Namespace, compiled: bool) -> dict:
         }
 
 
+def device_augment(args: argparse.Namespace) -> dict:
+    """`finish_views` on the training device vs the CPU (the data workers' path) for one batch."""
+    import numpy as np
+
+    from eupe.data import finish_views, sample_params
+    from eupe.data.config import AugmentConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    side, n = (32, 8) if args.tiny else (256, args.batch)
+    rng = np.random.default_rng(0)
+    params = [sample_params(rng, AugmentConfig(), side, side) for _ in range(n)]
+    crops = torch.randint(
+        0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    on_cpu = finish_views(crops, params)
+    crops = crops.to(device)
+    finish_views(crops, params)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        out = finish_views(crops, params)
+    sync(device)
+    rate = n * args.steps / (time.perf_counter() - start)
+    return {"views_per_s": rate, "max_abs_diff_vs_cpu": float((out.cpu() - on_cpu).abs().max())}
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of the DDP/FSDP2 check (started by torchrun from `parallel`)."""
     steps = args.steps
@@ -237,6 +265,7 @@ def main() -> int:
             "tiny": args.tiny,
         },
         "single": [measure(args, compiled) for compiled in (False, True)],
+        "device_augment": device_augment(args),
         "parallel": parallel(args, procs) if procs >= 2 else [],
     }
     print(f"gpu_check on {report['machine']['device']} (torch {torch.__version__})")
@@ -250,6 +279,11 @@ def main() -> int:
             f"{'compiled' if r['compiled'] else 'eager':<10}{r['images_per_s']:>10.1f}{r['tflop_per_step']:>12.3g}"
             f"{r['achieved_tflops']:>10.3g}{mfu:>8}{mem:>10}  {r['host_syncs']}"
         )
+    aug = report["device_augment"]
+    print(
+        f"device_augment: {aug['views_per_s']:.0f} views/s finished on the device, "
+        f"max |device - cpu| {aug['max_abs_diff_vs_cpu']:.2e}"
+    )
     for r in report["parallel"]:
         if "error" in r:
             print(f"{r['mode']} x{r['world']}: FAILED\n{r['error']}")
@@ -257,8 +291,10 @@ def main() -> int:
             print(f"{r['mode']} x{r['world']}: {r['images_per_s']:.1f} images/s, final written: {r['final']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    failed = any("error" in r for r in report["parallel"]) or any(
-        r["host_syncs"].startswith("FAILED") for r in report["single"]
+    failed = (
+        any("error" in r for r in report["parallel"])
+        or any(r["host_syncs"].startswith("FAILED") for r in report["single"])
+        or aug["max_abs_diff_vs_cpu"] > 1e-4
     )
     return 1 if failed else 0
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from eupe.cli import main
 from eupe.data import DataConfig, Shuffle, SourceSpec, build_index, build_loader, synthetic_image
-from eupe.data import index as index_mod
+from eupe.data import index_build as index_mod
 from eupe.data.order import round_keys
 from eupe.errors import ConfigError
 
@@ -178,3 +178,18 @@ def test_the_curated_coin_is_drawn_once_per_optimizer_step() -> None:
     steps = [streams[i : i + 3] for i in range(0, 24, 3)]
     assert all(len(set(s)) == 1 for s in steps)  # one step never mixes sources
     assert {s[0] for s in steps} == {"pool", "curated"}
+
+
+def test_a_folder_index_pickles_small_and_reopens(tmp_path: Path) -> None:
+    """spawn/forkserver DataLoader workers get the index by pickle: reopened, not copied."""
+    import pickle
+
+    from eupe.data import Index
+
+    specs = _sources(tmp_path)
+    build_index(specs, tmp_path / "idx", progress=False)
+    index = Index.open(tmp_path / "idx")
+    index.name(index.entries[13])  # maps a names file (an mmap cannot be pickled)
+    copy = pickle.loads(pickle.dumps(index))
+    assert len(pickle.dumps(index)) < 2000 and np.array_equal(copy.entries, index.entries)
+    assert [copy.name(e) for e in copy.entries[12:]] == [index.name(e) for e in index.entries[12:]]

@@ -25,3 +25,5 @@ def test_gpu_check_tiny_runs_and_reports(tmp_path):
         ("fsdp", 2, True, True)
     ]
     assert "eager" in proc.stdout and "fsdp x2" in proc.stdout
+    aug = report["device_augment"]
+    assert aug["views_per_s"] > 0 and aug["max_abs_diff_vs_cpu"] == 0.0  # the device is the CPU here

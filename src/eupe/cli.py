@@ -547,7 +547,7 @@ def _index_specs(items: list[str]) -> list:
 
 
 def _run_data_index(args: argparse.Namespace) -> int:
-    from .data.index import build_index, describe
+    from .data.index_build import build_index, describe
 
     meta = build_index(_index_specs(args.sources), args.out, workers=args.workers)
     summary = describe(meta)

@@ -2,7 +2,8 @@
 
 from .augment import apply_params, crop_view, make_view, replay_view, sample_params
 from .config import AugmentConfig, DataConfig, SourceSpec, decode_side, validate_data
-from .index import Index, build_index
+from .index import Index
+from .index_build import build_index
 from .loader import Batch, Loader, build_loader, load_source_image, open_sources, shard_items
 from .order import Shuffle
 from .photometric import finish_views

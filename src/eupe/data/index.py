@@ -1,8 +1,8 @@
-"""A compact index of image sources (tar shards, folders, file lists): built once, memory-mapped.
+"""The index of image sources (tar shards, folders, file lists): 16 bytes per image, memory-mapped.
 
-Every image is one 16-byte entry (shard u32, offset u64, size u32). In a tar shard, offset/size
-locate the member's bytes, read with one `pread`; in a *names* shard (a folder's generated list of
-relative paths, or a file list itself) they locate the image's path. `eupe data index` writes
+Every image is one entry (shard u32, offset u64, size u32). In a tar shard, offset/size locate the
+member's bytes, read with one `pread`; in a *names* shard (a folder's generated list of relative
+paths, or a file list itself) they locate the image's path. An index folder holds
 
     DIR/index.json          sources (name, type, path, their items and shards), totals, warnings
     DIR/entries.npy         [N] entries, 16 bytes per image, memory-mapped by every rank and worker
@@ -10,29 +10,19 @@ relative paths, or a file list itself) they locate the image's path. `eupe data 
     DIR/shard_bytes.npy     each shard's size when indexed (a run checks a sample of them)
     DIR/names/S.txt         a folder source's relative image paths, one file per scanned unit
 
-so opening an index costs the same for a thousand images or two billion. Building scans one unit
-(a tar shard, a folder's top-level subfolder, a file list) per task, in parallel, and keeps each
-finished unit in DIR/parts/ until the end, so a killed build resumes where it stopped. Without an
-index a run scans its sources into the same arrays in memory at start-up (fine for small sets).
+so opening one costs the same for a thousand images or two billion. `index_build` writes it
+(`eupe data index`) or scans sources into the same arrays in memory (a run without data.index).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import mmap
-import multiprocessing as mp
 import os
-import shutil
-import tarfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import ConfigError
 from .config import SourceSpec
@@ -53,228 +43,10 @@ def source_id(spec: SourceSpec) -> tuple[str, str]:
     return spec.type, os.path.abspath(spec.path)
 
 
-# -- planning: the units (= shards) of every source ---------------------------------------------------
-def _plan(specs: list[SourceSpec]) -> list[dict[str, Any]]:
-    """Per source: its id and units, in the order the index will hold them (no file is read)."""
-    plan = []
-    for spec in specs:
-        if spec.type not in FILE_TYPES:
-            raise ConfigError(
-                f"data index: source {spec.name!r} has type {spec.type!r}; only {FILE_TYPES} are indexed"
-            )
-        path = os.path.abspath(spec.path)
-        if spec.type == "tar":
-            units = (
-                sorted(glob.glob(os.path.join(path, "*.tar")))
-                if os.path.isdir(path)
-                else sorted(glob.glob(path))
-            )
-            if not units:
-                raise ConfigError(
-                    f"data source {spec.name!r}: no .tar shards at {spec.path!r} (a .tar, a folder or a glob)"
-                )
-        elif spec.type == "folder":
-            if not os.path.isdir(path):
-                raise ConfigError(f"data source {spec.name!r}: folder {spec.path!r} does not exist")
-            subdirs = sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=True))
-            units = ["."] + subdirs  # "." = the files directly in the folder
-        else:
-            if not os.path.isfile(path):
-                raise ConfigError(f"data source {spec.name!r}: file list {spec.path!r} does not exist")
-            units = [path]
-        plan.append({"name": spec.name, "type": spec.type, "path": path, "units": units})
-    return plan
-
-
-# -- scanning one unit ------------------------------------------------------------------------------
-def _scan_tar(shard: str) -> tuple[list[tuple[int, int]], str | None]:
-    found: list[tuple[int, int]] = []
-    try:
-        with tarfile.open(shard, mode="r:") as tar:
-            while (m := tar.next()) is not None:
-                if m.isfile() and is_image(m.name):
-                    found.append((m.offset_data, m.size))
-                tar.members.clear()  # one member at a time: memory stays flat on big shards
-    except (tarfile.TarError, EOFError, OSError) as e:  # keep the members before the damage
-        return found, f"shard {shard} is damaged; using the {len(found)} members before the damage ({e})"
-    return found, None
-
-
-def _walk(root: str, unit: str) -> list[str]:
-    """Image paths under root/unit relative to root, sorted (recursive except for unit '.')."""
-    if unit == ".":
-        return sorted(e.name for e in os.scandir(root) if e.is_file() and is_image(e.name))
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, unit), followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink cycle (or a second link to the same folder): walk it once
-            dirnames.clear()
-            continue
-        seen.add(real)
-        rel = os.path.relpath(dirpath, root)
-        found += [os.path.normpath(os.path.join(rel, f)) for f in filenames if is_image(f)]
-    return sorted(found)
-
-
-def _names_entries(blob: bytes, shard: int, list_file: bool) -> np.ndarray:
-    """One entry per name in a names blob: (shard, byte offset, length). A file list's lines are
-    stripped, and blank lines and '#' comments skipped; a folder's generated names are exact."""
-    rows, pos = [], 0
-    for line in blob.split(b"\n"):
-        text = line.strip() if list_file else line
-        if text and not (list_file and text.startswith(b"#")):
-            rows.append((shard, pos + len(line) - len(line.lstrip()) if list_file else pos, len(text)))
-        pos += len(line) + 1
-    return np.array(rows, dtype=ENTRY)
-
-
-def _scan(task: tuple[int, str, str, str]) -> tuple[int, np.ndarray, bytes | None, str | None]:
-    """(shard, entries, names blob for a folder unit, warning) for one unit."""
-    shard, kind, root, unit = task
-    if kind == "tar":
-        found, warning = _scan_tar(unit)
-        entries = np.array([(shard, o, s) for o, s in found], dtype=ENTRY)
-        return shard, entries, None, warning
-    if kind == "folder":
-        blob = "\n".join(_walk(root, unit)).encode("utf-8")
-        return shard, _names_entries(blob, shard, list_file=False), blob, None
-    return shard, _names_entries(Path(unit).read_bytes(), shard, list_file=True), None, None
-
-
-def _tasks(plan: list[dict[str, Any]]) -> list[tuple[int, str, str, str]]:
-    tasks = []
-    for src in plan:
-        tasks += [(len(tasks) + k, src["type"], src["path"], u) for k, u in enumerate(src["units"])]
-    return tasks
-
-
-def _run(tasks: list, workers: int, progress: bool, desc: str):
-    if workers > 0 and len(tasks) > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            yield from tqdm(
-                pool.imap_unordered(_scan, tasks),
-                total=len(tasks),
-                disable=not progress,
-                desc=desc,
-                unit="shard",
-            )
-    else:
-        yield from (_scan(t) for t in tqdm(tasks, disable=not progress, desc=desc, unit="shard"))
-
-
-def _layout(plan: list[dict[str, Any]], counts: list[int], shard_paths: list[str]) -> list[dict[str, Any]]:
-    """Each source's item range and shard range, for index.json."""
-    sources, item, shard = [], 0, 0
-    for src in plan:
-        n_shards = len(src["units"])
-        items = int(sum(counts[shard : shard + n_shards]))
-        sources.append(
-            {k: src[k] for k in ("name", "type", "path")}
-            | {"items": [item, items], "shards": [shard, n_shards]}
-        )
-        item, shard = item + items, shard + n_shards
-    return sources
-
-
-def _digest(plan: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
-
-
-# -- building on disk ------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def write_tables(
-    out: Path,
-    plan: list[dict[str, Any]],
-    counts: list[int],
-    shard_paths: list[str],
-    notes: list[str] | None = None,
-) -> dict[str, Any]:
-    """Everything of an index folder but entries.npy (which the caller has written): the shard
-    table, and index.json last, which makes the index whole. Returns index.json's content."""
-    lines = "".join(p + "\n" for p in shard_paths).encode("utf-8")
-    _atomic_write(out / "shards.txt", lines)
-    lengths = [len(p.encode("utf-8")) + 1 for p in shard_paths]
-    _save_array(out / "shard_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.uint64))
-    sizes = [os.path.getsize(p if os.path.isabs(p) else out / p) for p in shard_paths]
-    _save_array(out / "shard_bytes.npy", np.array(sizes, dtype=np.uint64))
-    meta = {
-        "format": "eupe-data-index",
-        "version": VERSION,
-        "items": int(sum(counts)),
-        "shards": len(shard_paths),
-        "bytes_per_item": ENTRY.itemsize,
-        "sources": _layout(plan, counts, shard_paths),
-        "warnings": notes or [],
-        "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "plan_digest": _digest(plan),  # the scanned units (not stored: O(shards) would grow index.json)
-    }
-    _atomic_write(out / "index.json", json.dumps(meta, indent=1).encode())
-    return meta
-
-
-def build_index(
-    specs: list[SourceSpec], out: str | Path, workers: int = 0, progress: bool = True
-) -> dict[str, Any]:
-    """Scan `specs` (tar / folder / filelist) into index folder `out`; resumes a killed build.
-    Returns index.json's content (plus `seconds`)."""
-    start = time.perf_counter()
-    out = Path(out)
-    plan = _plan(specs)
-    plan_text = json.dumps(plan)
-    parts = out / "parts"
-    if (out / "index.json").exists():
-        if json.loads((out / "index.json").read_text()).get("plan_digest") == _digest(plan):
-            return json.loads((out / "index.json").read_text()) | {"seconds": 0.0, "reused": True}
-        (out / "index.json").unlink()  # the sources changed: rebuild
-    if parts.is_dir() and (
-        not (parts / "plan.json").exists() or (parts / "plan.json").read_text() != plan_text
-    ):
-        shutil.rmtree(parts)  # an interrupted build of other sources
-    for sub in (parts, out / "names"):
-        sub.mkdir(parents=True, exist_ok=True)
-    _atomic_write(parts / "plan.json", plan_text.encode())
-    tasks = _tasks(plan)
-    todo = [t for t in tasks if not (parts / f"{t[0]}.npy").exists()]
-    for shard, entries, blob, warning in _run(todo, workers, progress, f"index {out.name}"):
-        if blob is not None:
-            _atomic_write(out / "names" / f"{shard}.txt", blob)
-        if warning:
-            _atomic_write(parts / f"{shard}.warn", warning.encode())
-        _save_array(parts / f"{shard}.npy", entries)  # last: marks the unit done
-    shard_paths, counts, notes = [], [], []
-    for shard, kind, _root, unit in tasks:
-        shard_paths.append(f"names/{shard}.txt" if kind == "folder" else unit)
-        counts.append(len(np.load(parts / f"{shard}.npy", mmap_mode="r")))
-        if (parts / f"{shard}.warn").exists():
-            notes.append((parts / f"{shard}.warn").read_text())
-    total = int(sum(counts))
-    entries = np.lib.format.open_memmap(out / "entries.tmp.npy", mode="w+", dtype=ENTRY, shape=(total,))
-    at = 0
-    for (shard, *_), n in zip(tasks, counts):
-        entries[at : at + n] = np.load(parts / f"{shard}.npy")
-        at += n
-    entries.flush()
-    del entries
-    os.replace(out / "entries.tmp.npy", out / "entries.npy")
-    meta = write_tables(out, plan, counts, shard_paths, notes)
-    shutil.rmtree(parts)
-    return meta | {"seconds": time.perf_counter() - start}
-
-
 # -- reading -----------------------------------------------------------------------------------------
 class Index:
-    """The entries and shard table of some sources, memory-mapped from a folder or scanned in memory."""
+    """The entries and shard table of some sources, memory-mapped from a folder (`Index.open`) or
+    scanned in memory (`index_build.scan_index`)."""
 
     def __init__(
         self,
@@ -310,26 +82,30 @@ class Index:
             raise ConfigError(
                 f"data.index={str(folder)!r}: not an eupe data index of version {VERSION}; rebuild it"
             )
+        if len(entries) != meta["items"]:
+            raise ConfigError(
+                f"data.index={str(folder)!r}: entries.npy holds {len(entries)} entries, index.json says "
+                f"{meta['items']}; the folder is damaged, rebuild it"
+            )
+        if hasattr(entries, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
+            entries._mmap.madvise(mmap.MADV_RANDOM)  # one 4 KiB page per lookup, no readahead
         return cls(meta, entries, folder, None, None)
 
-    @classmethod
-    def scan(cls, specs: list[SourceSpec], workers: int = 0) -> Index:
-        """The index of `specs` built in this process's memory (what a run without data.index does)."""
-        plan = _plan(specs)
-        tasks = _tasks(plan)
-        found = {
-            shard: (entries, blob, warning)
-            for shard, entries, blob, warning in _run(tasks, workers, False, "")
-        }
-        for _, _, warning in found.values():
-            if warning:
-                warnings.warn(f"data: {warning}", stacklevel=3)
-        counts = [len(found[t[0]][0]) for t in tasks]
-        paths = [f"<memory>/{t[0]}" if t[1] == "folder" else t[3] for t in tasks]
-        meta = {"items": int(sum(counts)), "sources": _layout(plan, counts, paths)}
-        names = {s: blob for s, (_, blob, _) in found.items() if blob is not None}
-        entries = np.concatenate([found[t[0]][0] for t in tasks]) if tasks else np.zeros(0, ENTRY)
-        return cls(meta, entries, None, paths, names)
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawn/forkserver workers: a folder index is reopened there (its memory map
+        would otherwise be copied whole), an in-memory one travels as it is."""
+        state = dict(self.__dict__, _maps={})
+        if self.folder is not None:
+            for key in ("entries", "_offsets", "_bytes"):
+                state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.folder is not None:
+            self.entries = Index.open(self.folder).entries
+            self._offsets = np.load(self.folder / "shard_offsets.npy", mmap_mode="r")
+            self._bytes = np.load(self.folder / "shard_bytes.npy", mmap_mode="r")
 
     def shard_path(self, shard: int) -> str:
         """Absolute path of a shard (a tar file, a file list, or a folder's names file)."""
@@ -370,12 +146,14 @@ class Index:
             f"built for {built}. Rebuild it: `eupe data index CONFIG --out {self.folder}`"
         )
 
-    def check_shards(self, src: dict[str, Any]) -> None:
-        """Compare the size of up to CHECKED_SHARDS shards of a source with the index (O(1) in images)."""
+    def check_shards(self, src: dict[str, Any], every: bool = False) -> None:
+        """Compare the size of up to CHECKED_SHARDS shards of a source (all with `every`) with the
+        index: O(1) in images at start-up."""
         if self.folder is None:
             return
         first, count = src["shards"]
-        for shard in sorted({first + int(k) for k in np.linspace(0, count - 1, min(count, CHECKED_SHARDS))}):
+        picked = range(count) if every else np.linspace(0, count - 1, min(count, CHECKED_SHARDS))
+        for shard in sorted({first + int(k) for k in picked}):
             path = self.shard_path(shard)
             want = int(self._bytes[shard])
             have = os.path.getsize(path) if os.path.exists(path) else None
@@ -384,14 +162,3 @@ class Index:
                     f"data.index={str(self.folder)!r}: shard {path} is {'missing' if have is None else f'{have} bytes'}, "
                     f"the index was built when it had {want} bytes; the data changed, rebuild the index"
                 )
-
-
-def describe(meta: dict[str, Any]) -> dict[str, Any]:
-    """A short JSON summary of an index (what `eupe data index` prints)."""
-    return {
-        "items": meta["items"],
-        "shards": meta.get("shards"),
-        "bytes_per_item": ENTRY.itemsize,
-        "sources": [{"name": s["name"], "type": s["type"], "items": s["items"][1]} for s in meta["sources"]],
-        "warnings": meta.get("warnings", []),
-    }

@@ -29,6 +29,7 @@ from ..errors import EupeError
 from .augment import make_view
 from .config import AugmentConfig, DataConfig, decode_side, validate_data
 from .index import FILE_TYPES, Index
+from .index_build import scan_index
 from .order import Shuffle, round_keys
 from .photometric import finish_views
 from .sources import BadImage, Source, open_source
@@ -354,7 +355,7 @@ def open_sources(cfg: DataConfig, seed: int = 0) -> list[Source]:
     if cfg.index:
         index = Index.open(cfg.index)
     elif files:
-        index = Index.scan(files)
+        index = scan_index(files)
     return [open_source(s, seed, index) for s in cfg.sources]
 
 

@@ -26,7 +26,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    return (ratio * x + (1.0 - ratio) * other).clamp_(0.0, 1.0)
+    """ratio * x + (1 - ratio) * other, clamped; overwrites x (always a subset copy here)."""
+    return x.mul_(ratio).add_(other * (1.0 - ratio)).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _jitter(op: str, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         return adjust_hue(x, f)
     f = f.view(-1, 1, 1, 1)
     if op == "brightness":
-        return (x * f).clamp_(0.0, 1.0)
+        return x.mul_(f).clamp_(0.0, 1.0)
     if op == "contrast":
         return _blend(x, _gray(x).mean((-3, -2, -1), keepdim=True), f)
     return _blend(x, _gray(x), f)  # saturation
@@ -84,11 +85,11 @@ def gaussian_blur(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     h, w = x.shape[-2:]
     rows = padded[..., 0:w] * kernels[:, 0]
-    for i in range(1, size):
-        rows += padded[..., i : i + w] * kernels[:, i]
+    for i in range(1, size):  # in place: no temporary per tap
+        rows.addcmul_(padded[..., i : i + w], kernels[:, i])
     out = rows[..., 0:h, :] * kernels[:, 0]
     for i in range(1, size):
-        out += rows[..., i : i + h, :] * kernels[:, i]
+        out.addcmul_(rows[..., i : i + h, :], kernels[:, i])
     return out
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from ..errors import ConfigError
 from .config import SourceSpec
 from .index import FILE_TYPES, IMAGE_EXTENSIONS, Index
+from .index_build import scan_index
 
 # Refuse decompression bombs loudly but per-file: PIL raises DecompressionBombError above this.
 Image.MAX_IMAGE_PIXELS = 200_000_000
@@ -110,26 +111,26 @@ class IndexedSource(Source):
 
     def load(self, index: int, min_side: int = 0) -> Image.Image:
         e = self._entry(index)
-        what = f"{self.spec.name}:{self.key(index)}"
         if not self.tar:
             name = self.index.name(e)
             file = name if os.path.isabs(name) else os.path.join(self.root, name)
             if not os.path.isfile(file):
-                raise BadImage(f"{what}: no such file")
-            return decode_image(file, what, min_side)
+                raise BadImage(f"{self.spec.name}:{name}: no such file")
+            return decode_image(file, f"{self.spec.name}:{name}", min_side)
         shard, offset, size = int(e["shard"]), int(e["offset"]), int(e["size"])
         try:
             data = self._read(shard, offset, size)
-        except OSError as err:
-            raise BadImage(f"{what}: {err}") from None
-        if len(data) != size:
-            raise BadImage(f"{what}: shard ends inside the member")
-        try:
-            return decode_image(data, what, min_side)
-        except BadImage as err:  # name the member too (its tar header sits just before the data)
+            if len(data) != size:
+                raise BadImage("shard ends inside the member")
+            return decode_image(data, "", min_side)
+        except (
+            BadImage,
+            OSError,
+        ) as err:  # name the item, and the member (its tar header sits before the data)
             header = self._read(shard, offset - 512, 100) if offset >= 512 else b""
             member = header.split(b"\0", 1)[0].decode("utf-8", "replace")
-            raise BadImage(f"{err} (member {member})") from None
+            reason = str(err).removeprefix(": ")
+            raise BadImage(f"{self.spec.name}:{self.key(index)}: {reason} (member {member})") from None
 
 
 class SyntheticSource(Source):
@@ -210,13 +211,13 @@ def synthetic_image(seed: int, index: int, size: int) -> np.ndarray:
 
 def open_source(spec: SourceSpec, seed: int = 0, index: Index | None = None) -> Source:
     """Open one configured source (ConfigError when it is missing or holds no images). Tar, folder
-    and filelist sources are read through `index` (`Index.open` of data.index, or `Index.scan`)."""
+    and filelist sources are read through `index` (`Index.open` of data.index, or `scan_index`)."""
     if spec.type == "synthetic":
         source: Source = SyntheticSource(spec, seed)
     elif spec.type == "views":
         source = ViewsSource(spec)
     elif spec.type in FILE_TYPES:
-        index = index if index is not None else Index.scan([spec])
+        index = index if index is not None else scan_index([spec])
         record = index.find(spec)
         index.check_shards(record)
         source = IndexedSource(spec, index, record)

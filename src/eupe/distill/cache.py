@@ -16,7 +16,7 @@ Layout of DIR (sequential writes, no pickle):
     shard_r<rank>_<i>.safetensors   rows of `<teacher>.cls` [n, Dc] and `<teacher>.patches` [n, N, Dp]
 
 A run reads it with `data.teacher_cache=DIR` (see `TeacherCache.loader`): the views are walked
-in a seeded per-epoch permutation, sharded over ranks like the live loader, resumable, decoded and
+in a seeded per-epoch keyed shuffle (`data.order.Shuffle`), sharded over ranks like the live loader, resumable, decoded and
 replayed by `data.num_workers` DataLoader workers that read their rows from the memory-mapped shards.
 """
 
