@@ -170,6 +170,10 @@ def test_workers_give_the_same_batches() -> None:
     a = _take(build_loader(SYN, 4, VIEW, seed=1), 3)
     b = _take(build_loader(cfg, 4, VIEW, seed=1), 3)
     assert all(torch.equal(x.views, y.views) for x, y in zip(a, b))
+    # workers sending uint8 crops, finished batched by the loader (data.device_augment)
+    cfg.device_augment, cfg.persistent_workers, cfg.prefetch_factor = True, False, 1
+    c = _take(build_loader(cfg, 4, VIEW, seed=1), 3)
+    assert all((x.views - y.views).abs().max() < 1e-6 for x, y in zip(a, c))
 
 
 def test_resume_mid_epoch_is_exact() -> None:
@@ -183,6 +187,11 @@ def test_resume_mid_epoch_is_exact() -> None:
     resumed.load_state_dict(state)
     rest = _take(resumed, 4)
     assert all(torch.equal(x.views, y.views) and x.params == y.params for x, y in zip(full[3:], rest))
+    # persistent workers already running rewind to a restored state
+    workers = build_loader(_cfg(*SYN.sources, curated_prob=SYN.curated_prob, num_workers=2), 4, VIEW, seed=2)
+    _take(workers, 5)
+    workers.load_state_dict(state)
+    assert all(torch.equal(x.views, y.views) for x, y in zip(full[3:5], _take(workers, 2)))
 
 
 def test_ranks_share_no_item_within_an_epoch() -> None:
