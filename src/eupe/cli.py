@@ -347,10 +347,16 @@ def _cmd_export(sub: argparse._SubParsersAction) -> None:
         eupe export eupe_convnext_tiny --format onnx --size 512 --dynamic
         eupe export eupe_vitt16 --format executorch --size 256 --quantize int8
         eupe export eupe_vitt16 --format pt2 --size 224   # torch.export.load("eupe_vitt16_224.pt2")
+        eupe export runs/s3/final --format hf --output vitb16_hf   # AutoModel.from_pretrained("vitb16_hf")
     """,
     )
     p.add_argument("model", help="zoo name or save_pretrained folder")
-    p.add_argument("--format", required=True, choices=["onnx", "executorch", "pt2"])
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "executorch", "pt2", "hf"],
+        help="hf: a transformers DINOv3ViTModel/DINOv3ConvNextModel folder (AutoModel.from_pretrained)",
+    )
     p.add_argument(
         "--size", type=int, default=256, help="square input size, a multiple of the stride (default 256)"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 from ..errors import EupeError
 from . import runtimes as rt
 
-FORMATS = {"onnx": ".onnx", "executorch": ".pte", "pt2": ".pt2"}
+FORMATS = {"onnx": ".onnx", "executorch": ".pte", "pt2": ".pt2", "hf": "_hf"}  # hf: a folder
 TOLERANCE = 1e-4
 ONNX_OPSET = 18
 SEED = 0
@@ -169,6 +170,12 @@ def export_model(
         runner = rt.onnx_runner(path, threads)
         info["opset"] = ONNX_OPSET
         info["runtime"] = f"onnxruntime {rt.version('onnxruntime')} CPUExecutionProvider"
+    elif fmt == "hf":
+        from ..models.hf import save_hf
+
+        save_hf(model, path)
+        runner = rt.hf_runner(path, names)
+        info["runtime"] = f"transformers {rt.version('transformers')} AutoModel.from_pretrained"
     elif fmt == "pt2":
         torch.export.save(rt.export_program(model, example, dynamic, "pt2"), str(path))
         runner = rt.pt2_runner(path)
@@ -194,7 +201,7 @@ def export_model(
         try:
             got = runner(x)
         except Exception as e:  # a runtime rejecting the input is a failed verification too
-            path.unlink(missing_ok=True)
+            _discard(path)
             raise EupeError(
                 f"{fmt} artifact of {arch} failed to run on input {list(x.shape)} in {info['runtime']}: "
                 f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
@@ -207,13 +214,13 @@ def export_model(
         shapes.append(list(x.shape))
     worst = max(diffs.values())
     if quantize and min(cosines.values()) < min_cosine:
-        path.unlink(missing_ok=True)
+        _discard(path)
         raise EupeError(
             f"int8 {arch} is too far from fp32: cosine similarity {_fmt(cosines)} < {min_cosine} "
             "(calibrate on real images or export fp32)"
         )
     if not quantize and worst > tolerance:
-        path.unlink(missing_ok=True)
+        _discard(path)
         raise EupeError(
             f"{fmt} export of {arch} does not match eager fp32: max abs diff {_fmt(diffs)} > {tolerance} "
             f"on inputs {shapes}"
@@ -222,8 +229,8 @@ def export_model(
     info.update(
         {
             "artifact": path.name,
-            "sha256": _sha256(path),
-            "bytes": path.stat().st_size,
+            "sha256": _sha256(path / "model.safetensors" if path.is_dir() else path),
+            "bytes": sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size,
             "model": arch,
             "source": source or arch,
             "input": {
@@ -243,7 +250,10 @@ def export_model(
             ],
             "dynamic": {"enabled": dynamic, "how": DYNAMIC_NOTE if dynamic else "static shapes"},
             "versions": {
-                **{p: rt.version(p) for p in ("eupe", "timm", "onnx", "onnxruntime", "executorch")},
+                **{
+                    p: rt.version(p)
+                    for p in ("eupe", "timm", "onnx", "onnxruntime", "executorch", "transformers")
+                },
                 "torch": torch.__version__,
             },
             "verification": {
@@ -266,6 +276,14 @@ def export_model(
     sidecar = Path(str(path) + ".json")
     sidecar.write_text(json.dumps(info, indent=1) + "\n")
     return ExportResult(artifact=path, sidecar=sidecar, max_abs_diff=worst, info=info)
+
+
+def _discard(path: Path) -> None:
+    """Remove a failed artifact (a file, or an hf folder)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fmt(values: dict[str, float]) -> str:

@@ -266,5 +266,26 @@ def compile_runner(model: nn.Module) -> Runner:
     return module_runner(torch.compile(ExportWrapper(model).eval(), dynamic=False))
 
 
+def hf_runner(path: Path, names: list[str]) -> Runner:
+    """A transformers folder through `AutoModel`: `last_hidden_state` is [cls, registers, patches]
+    (ViT) or [pooled, patches] (ConvNeXt), split into the export's outputs."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(path)).eval()
+    registers = int(getattr(model.config, "num_register_tokens", 0) or 0)
+
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            tokens = model(pixel_values=images).last_hidden_state
+        out = {
+            "cls": tokens[:, 0],
+            "patches": tokens[:, 1 + registers :],
+            "registers": tokens[:, 1 : 1 + registers],
+        }
+        return [out[n] for n in names]
+
+    return run
+
+
 def pt2_runner(path: Path) -> Runner:
     return module_runner(torch.export.load(str(path)).module())

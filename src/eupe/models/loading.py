@@ -252,8 +252,8 @@ def create_model(
 ) -> Encoder:
     """Build an encoder.
 
-    `name_or_path` is a zoo name (`eupe models` lists them), a `save_pretrained` folder, or a Hub
-    repo id in that format. `weights` is an official EUPE `.pth`, a `.safetensors`/`.pth` file or
+    `name_or_path` is a zoo name (`eupe models` lists them), a `save_pretrained` folder, a
+    transformers folder written by `eupe export --format hf`, or a Hub repo id in eupe's format. `weights` is an official EUPE `.pth`, a `.safetensors`/`.pth` file or
     folder written by this project, or a Hub repo id. `device="meta"` builds without allocating
     memory (for counting parameters and FLOPs of the 1.9B proxy). `overrides` go to timm.
     """
@@ -267,7 +267,9 @@ def create_model(
             )
         if overrides or device == "meta":
             raise CheckpointError(f"{name}: overrides and device='meta' apply to zoo names only")
-        model = load_pretrained_dir(name)
+        from .hf import is_hf_dir, load_hf  # a transformers folder (`eupe export --format hf`)
+
+        model = load_hf(name) if os.path.isdir(name) and is_hf_dir(name) else load_pretrained_dir(name)
         return model.to(device) if device is not None else model
     if weights is not None and str(device) == "meta":
         raise CheckpointError("weights cannot be loaded into a model built on the meta device")
