@@ -89,7 +89,12 @@ class Index:
             )
         if hasattr(entries, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
             entries._mmap.madvise(mmap.MADV_RANDOM)  # one 4 KiB page per lookup, no readahead
-        return cls(meta, entries, folder, None, None)
+        try:
+            return cls(meta, entries, folder, None, None)
+        except (OSError, ValueError) as e:  # the shard table is missing or damaged
+            raise ConfigError(
+                f"data.index={str(folder)!r}: its shard table is unreadable ({type(e).__name__}); rebuild it"
+            ) from None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for spawn/forkserver workers: a folder index is reopened there (its memory map
