@@ -193,3 +193,14 @@ def test_a_folder_index_pickles_small_and_reopens(tmp_path: Path) -> None:
     copy = pickle.loads(pickle.dumps(index))
     assert len(pickle.dumps(index)) < 2000 and np.array_equal(copy.entries, index.entries)
     assert [copy.name(e) for e in copy.entries[12:]] == [index.name(e) for e in index.entries[12:]]
+
+
+def test_a_state_from_before_the_keyed_shuffle_resumes_with_a_warning() -> None:
+    cfg = DataConfig(sources=[SourceSpec(name="s", size=20, image_size=VIEW)])
+    loader = build_loader(cfg, 2, VIEW, 0)
+    next(loader)
+    old = {**loader.state_dict(), "version": 1}
+    again = build_loader(cfg, 2, VIEW, 0)
+    with pytest.warns(UserWarning, match="different order"):
+        again.load_state_dict(old)
+    assert again.state_dict()["step"] == 1 and again.state_dict()["version"] == 2

@@ -16,6 +16,7 @@ batched on the training device after a pinned uint8 copy.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from .sources import BadImage, Source, open_source
 STREAMS = ("pool", "curated")
 MAX_REPLACEMENTS = 32  # consecutive unreadable draws before the source is declared broken
 MAX_EXAMPLES = 20
+STATE_VERSION = 2  # 2: keyed Feistel shuffle, one coin per optimizer step (1: stored permutations)
 
 
 @dataclass
@@ -307,7 +309,7 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position after the last batch returned (prefetched batches do not count)."""
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "seed": self.seed,
             **self.plan.state(),
             "sizes": {s.spec.name: len(s) for s in self.sources},
@@ -326,6 +328,12 @@ class Loader:
         if int(state.get("seed", self.seed)) != self.seed:
             raise EupeError(
                 f"data: state was saved with seed {state['seed']}, this loader has seed {self.seed}"
+            )
+        if int(state.get("version", 1)) < STATE_VERSION:
+            warnings.warn(
+                "data: this state was saved before the keyed shuffle (eupe data order v2); the run continues "
+                "from the same step and positions, but over a different order of the items",
+                stacklevel=2,
             )
         self.plan.set_state(state)
         self.skipped = int(state.get("skipped", 0))
