@@ -108,9 +108,8 @@ class Index:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self.folder is not None:
-            self.entries = Index.open(self.folder).entries
-            self._offsets = np.load(self.folder / "shard_offsets.npy", mmap_mode="r")
-            self._bytes = np.load(self.folder / "shard_bytes.npy", mmap_mode="r")
+            fresh = Index.open(self.folder)
+            self.entries, self._offsets, self._bytes = fresh.entries, fresh._offsets, fresh._bytes
 
     def shard_path(self, shard: int) -> str:
         """Absolute path of a shard (a tar file, a file list, or a folder's names file)."""

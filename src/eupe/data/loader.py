@@ -31,7 +31,7 @@ from .augment import make_view
 from .config import AugmentConfig, DataConfig, decode_side, validate_data
 from .index import FILE_TYPES, Index
 from .index_build import scan_index
-from .order import Shuffle, round_keys
+from .order import epoch_order, round_keys
 from .photometric import finish_views
 from .sources import BadImage, Source, open_source
 
@@ -110,14 +110,8 @@ class _Plan:
 
     def items(self, name: str, positions: np.ndarray) -> np.ndarray:
         """The stream's global items at these positions (epoch e: the e-th keyed shuffle)."""
-        n = len(self.streams[name])
-        epochs, offsets = np.divmod(positions, n)
-        out = np.empty_like(positions)
-        for epoch in np.unique(epochs):
-            at = epochs == epoch
-            keys = round_keys(self.seed, STREAMS.index(name), int(epoch), 0xE9)
-            out[at] = Shuffle(n, keys)(offsets[at])
-        return out
+        sid = STREAMS.index(name)
+        return epoch_order(positions, len(self.streams[name]), lambda e: round_keys(self.seed, sid, e, 0xE9))
 
     def next(self) -> tuple[str, int, list[tuple[int, int, int, int]]]:
         """(stream, step, entries) for this rank; entries are (stream id, position, source, index)."""
@@ -131,6 +125,23 @@ class _Plan:
         self.pos[name] += self.batch * self.world
         self.step += 1
         return name, step, entries
+
+
+def delivery(cfg: DataConfig, device: torch.device | str | None) -> tuple[torch.device, bool]:
+    """Where batches go (None: the CPU) and whether the photometric half runs there
+    (`data.device_augment`; None means: on a CUDA device)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    on = cfg.device_augment
+    return device, device.type == "cuda" if on is None else bool(on)
+
+
+def deliver(
+    views: torch.Tensor, params: list[dict[str, Any]], device: torch.device, augment: bool
+) -> torch.Tensor:
+    """A collated batch on its device: copied (non-blocking from pinned memory), then finished
+    there when the workers left the photometric half to the device."""
+    views = views.to(device, non_blocking=True)
+    return finish_views(views, params) if augment else views
 
 
 class _Views(torch.utils.data.Dataset):
@@ -236,9 +247,7 @@ class Loader:
             raise EupeError(f"build_loader: rank {rank} is outside world_size {world_size}")
         self.cfg, self.batch_size, self.view_size, self.seed = cfg, batch_size, view_size, seed
         self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        on = cfg.device_augment
-        self.device_augment = self.device.type == "cuda" if on is None else bool(on)
+        self.device, self.device_augment = delivery(cfg, device)
         self.sources = open_sources(cfg, seed)
         sizes = [len(s) for s in self.sources]
         curated = [i for i, s in enumerate(cfg.sources) if s.curated]
@@ -300,9 +309,7 @@ class Loader:
         for s in skipped:
             if len(self.bad) < MAX_EXAMPLES or s["file"] in self.bad:
                 self.bad[s["file"]] = s["reason"]
-        views = views.to(self.device, non_blocking=True)
-        if self.device_augment:
-            views = finish_views(views, params)
+        views = deliver(views, params, self.device, self.device_augment)
         return Batch(views=views, params=params, stream=stream, step=step, skipped=skipped)
 
     # -- resume ----------------------------------------------------------------------------

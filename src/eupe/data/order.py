@@ -10,6 +10,8 @@ whole global order whatever the world size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 ROUNDS = 6
@@ -60,3 +62,14 @@ class Shuffle:
             x[out] = self._feistel(x[out])
             out = x >= np.uint64(self.n)
         return x.astype(np.int64).reshape(p.shape)
+
+
+def epoch_order(positions: np.ndarray, n: int, keys: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Items at global `positions` of a stream of n items walked epoch after epoch, epoch e in the
+    order `Shuffle(n, keys(e))` (positions may straddle an epoch boundary)."""
+    epochs, offsets = np.divmod(np.asarray(positions, dtype=np.int64), n)
+    out = np.empty_like(offsets)
+    for epoch in np.unique(epochs):
+        at = epochs == epoch
+        out[at] = Shuffle(n, keys(int(epoch)))(offsets[at])
+    return out

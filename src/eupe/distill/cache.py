@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import DataConfig, load_source_image, open_sources, replay_view
 from ..data.augment import crop_view
-from ..data.order import Shuffle, round_keys
-from ..data.photometric import finish_views
+from ..data.loader import deliver, delivery
+from ..data.order import epoch_order, round_keys
 from ..errors import ConfigError, EupeError
 from ..models.encoder import EncoderOutput
 from ..models.teacher_norm import TeacherNorm
@@ -166,9 +166,7 @@ class CacheLoader:
     ):
         self.cache, self.data, self.batch, self.seed = cache, data, batch_size, seed
         self.rank, self.world = rank, world
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        on = data.device_augment
-        self.device_augment = self.device.type == "cuda" if on is None else bool(on)
+        self.device, self.device_augment = delivery(data, device)
         self.dataset = _CachedViews(cache, data, view_size, seed, finish=not self.device_augment)
         self.grids = {t: tuple(m["grid"]) for t, m in cache.teachers.items()}
         self.step, self.pos = 0, 0
@@ -176,14 +174,10 @@ class CacheLoader:
 
     def _indices(self, step_pos: int) -> list[int]:
         """This rank's views of the global batch starting at position `step_pos`."""
-        n = len(self.dataset)
         start = step_pos + self.rank * self.batch
-        epochs, offsets = np.divmod(np.arange(start, start + self.batch, dtype=np.int64), n)
-        out = np.empty_like(offsets)
-        for epoch in np.unique(epochs):  # a keyed shuffle per epoch, never materialised
-            at = epochs == epoch
-            out[at] = Shuffle(n, round_keys(self.seed, int(epoch), VIEW_SEED))(offsets[at])
-        return out.tolist()
+        positions = np.arange(start, start + self.batch, dtype=np.int64)
+        order = epoch_order(positions, len(self.dataset), lambda e: round_keys(self.seed, e, VIEW_SEED))
+        return order.tolist()  # a keyed shuffle per epoch, never materialised
 
     def _sampler(self):
         pos = self.pos
@@ -210,9 +204,7 @@ class CacheLoader:
             else:
                 self._it = (_collate([self.dataset[i] for i in idx]) for idx in self._sampler())
         views, rows, params = next(self._it)
-        views = views.to(self.device, non_blocking=True)
-        if self.device_augment:
-            views = finish_views(views, params)
+        views = deliver(views, params, self.device, self.device_augment)
         self.step += 1
         self.pos += self.batch * self.world
         targets = {

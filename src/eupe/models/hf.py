@@ -41,13 +41,13 @@ _BLOCK = {  # ours -> transformers, inside one ViT block (q/k/v handled apart)
     "mlp.fc2.weight": "mlp.down_proj.weight",
     "mlp.fc2.bias": "mlp.down_proj.bias",
 }
-_CONV_BLOCK = {
+_CONV_BLOCK = {  # ours -> transformers, inside one ConvNeXt block
     "gamma": "gamma",
     "conv_dw": "depthwise_conv",
     "norm": "layer_norm",
     "mlp.fc1": "pointwise_conv1",
+    "mlp.fc2": "pointwise_conv2",
 }
-_CONV_BLOCK["mlp.fc2"] = "pointwise_conv2"
 
 
 def _require_transformers():
