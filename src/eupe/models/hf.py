@@ -151,19 +151,23 @@ def to_hf_state(model: Encoder) -> tuple[str, dict[str, Any], dict[str, torch.Te
     return kind, config, state
 
 
-def save_hf(model: Encoder, folder: str | os.PathLike) -> Path:
-    """Write `model` as a transformers folder (config.json + model.safetensors)."""
+def to_hf_model(model: Encoder) -> Any:
+    """`model` as a transformers `DINOv3ViTModel` / `DINOv3ConvNextModel` holding the same weights."""
     transformers = _require_transformers()
     kind, kwargs, state = to_hf_state(model)
     cls = {"dinov3_vit": "DINOv3ViT", "dinov3_convnext": "DINOv3ConvNext"}[kind]
     config = getattr(transformers, f"{cls}Config")(
         **kwargs, eupe_arch=model.arch, eupe_overrides=dict(model.overrides or {})
     )
-    with torch.device("meta"):
-        hf = getattr(transformers, f"{cls}Model")(config)
-    hf.load_state_dict(state, strict=True, assign=True)
+    hf = getattr(transformers, f"{cls}Model")(config)  # not on "meta": its RoPE buffers are not saved
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+def save_hf(model: Encoder, folder: str | os.PathLike) -> Path:
+    """Write `model` as a transformers folder (config.json + model.safetensors)."""
     folder = Path(folder)
-    hf.eval().save_pretrained(folder)
+    to_hf_model(model).save_pretrained(folder)
     return folder
 
 

@@ -1,0 +1,7 @@
+"""Vision-language evaluation (paper 8.2): LLaVA-1.5 with an eupe encoder, trained and scored.
+
+`model` builds and loads the LLaVA model (transformers), `text` holds the tokenizer and the
+conversation formats, `data` reads the LLaVA JSON format, `train` runs stages A and B with the
+transformers `Trainer`, and `bench` scores a model with lmms-eval. Everything here needs the `vlm`
+extra: `pip install 'eupe[vlm]'`.
+"""

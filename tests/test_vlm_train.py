@@ -1,0 +1,214 @@
+"""`eupe vlm train` on the tiny config: both LLaVA stages on CPU, resume, bad records, formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from eupe.errors import ConfigError  # noqa: E402
+from eupe.vlm import train as vlm_train  # noqa: E402
+from eupe.vlm.data import REASONS, Collate  # noqa: E402
+from eupe.vlm.model import EupeLlavaForConditionalGeneration, load_llava, square  # noqa: E402
+from eupe.vlm.text import IGNORE, BadSample, byte_tokenizer, chat_prompt, check_turns, encode  # noqa: E402
+from eupe.vlm.toy import write_toy_data  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "vlm" / "tiny.yaml"
+
+
+def _config(out: Path, *overrides: str) -> vlm_train.VlmConfig:
+    return vlm_train.load_vlm_config(TINY, [f"output_dir={out}", *overrides])
+
+
+def _losses(metrics: Path, stage: str) -> list[float]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [r["loss"] for r in rows if r["stage"] == stage and "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("vlm") / "run"
+    summary = vlm_train.train_vlm(_config(out))
+    return out, summary
+
+
+def test_tiny_config_trains_both_stages_and_the_loss_falls(tiny_run):
+    out, summary = tiny_run
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "final/config.json",
+        "checkpoints/stage_a/final/config.json",
+    ):
+        assert (out / name).is_file(), name
+    for stage in ("a", "b"):
+        losses = _losses(out / "metrics.jsonl", stage)
+        assert len(losses) >= 4 and all(map(torch.isfinite, torch.tensor(losses)))
+        assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, (stage, losses)
+        assert summary["stages"][stage]["skipped"] == dict.fromkeys(REASONS, 0)
+    assert summary["final"] == str(out / "final")
+
+
+def test_final_loads_with_from_pretrained_and_answers(tiny_run):
+    out, _ = tiny_run
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    model, processor = load_llava(out / "final")
+    assert isinstance(model, EupeLlavaForConditionalGeneration)
+    image = square(Image.new("RGB", (64, 40), (220, 30, 30)))
+    inputs = processor(text=chat_prompt("What colour is the shape?"), images=[image], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16  # (64 / 16)^2 patch tokens
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert ids.shape[1] > inputs["input_ids"].shape[1]
+    # every saved tensor is in the loaded model, the vision tower's under its module names
+    from safetensors.torch import load_file
+
+    state = model.state_dict()
+    for key, value in load_file(out / "final" / "model.safetensors").items():
+        assert torch.equal(state[key.replace("vision_tower.layer.", "vision_tower.model.layer.")], value), key
+    assert AutoProcessor.from_pretrained(out / "final").tokenizer.convert_tokens_to_ids("<image>") == 4
+
+
+def test_finished_run_is_not_trained_again(tiny_run):
+    out, _ = tiny_run
+    before = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    summary = vlm_train.train_vlm(_config(out))
+    assert summary["stages"]["b"]["resumed"] == "finished"
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="different config"):
+        vlm_train.train_vlm(_config(out, "stage_b.lr=0.1"))
+
+
+def test_killed_stage_resumes_exactly(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    args = ["stages=[a]", "stage_a.epochs=1", "stage_a.max_steps=6", "trainer.save_steps=2"]
+    ref = vlm_train.train_vlm(_config(tmp_path / "ref", *args))
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 5:  # after checkpoint-4, before checkpoint-6
+                raise KeyboardInterrupt
+
+    make = vlm_train._callbacks
+    monkeypatch.setattr(vlm_train, "_callbacks", lambda *a: [*make(*a), Kill()])
+    with pytest.raises(KeyboardInterrupt):
+        vlm_train.train_vlm(_config(tmp_path / "run", *args))
+    monkeypatch.setattr(vlm_train, "_callbacks", make)
+    assert vlm_train.last_checkpoint(tmp_path / "run" / "checkpoints" / "stage_a").name == "checkpoint-4"
+    vlm_train.train_vlm(_config(tmp_path / "run", *args))
+    a = load_llava(Path(ref["final"]))[0].state_dict()
+    b = load_llava(tmp_path / "run" / "final")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the log lines written after checkpoint-4 were dropped on resume
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    paths = write_toy_data(tmp_path / "data", n=8)
+    records = json.loads(Path(paths["stage_b"]).read_text())[:8]
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
+    records += [
+        {"id": "m", "image": "images/none.png", "conversations": records[0]["conversations"]},
+        {"id": "u", "image": "broken.png", "conversations": records[0]["conversations"]},
+        {"id": "c1", "image": "images/0000.png", "conversations": [{"from": "gpt", "value": "x"}]},
+        {"id": "c2", "image": "images/0000.png", "conversations": "hello"},
+        ["not", "a", "record"],
+    ]
+    data = tmp_path / "data" / "mixed.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    summary = vlm_train.train_vlm(
+        _config(
+            out, "stages=[b]", "toy_data=false", f"stage_b.data={data}", f"stage_b.images={tmp_path / 'data'}"
+        )
+    )
+    skipped = summary["stages"]["b"]["skipped"]
+    assert skipped == {"missing image": 3, "unreadable image": 3, "malformed conversation": 9, "too long": 0}
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped"] == 15 and last["skipped_malformed_conversation"] == 9
+
+
+def test_a_batch_of_only_bad_records_trains_on_a_placeholder(tmp_path):
+    write_toy_data(tmp_path / "data", n=2)
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"image": "missing.png", "conversations": []}] * 8))
+    summary = vlm_train.train_vlm(
+        _config(
+            tmp_path / "run",
+            "stages=[a]",
+            "toy_data=false",
+            f"stage_a.data={data}",
+            f"stage_a.images={tmp_path / 'data'}",
+            "stage_a.epochs=1",
+        )
+    )
+    assert summary["stages"]["a"]["skipped"]["malformed conversation"] == 8
+    assert summary["stages"]["a"]["train_loss"] == 0.0
+
+
+def test_collate_pads_and_places_a_placeholder():
+    c = Collate(pad_id=3, bos_id=1, image_token_id=4, image_tokens=2, image_size=8)
+    good = {"input_ids": torch.tensor([1, 4, 4, 9]), "labels": torch.tensor([IGNORE, IGNORE, IGNORE, 9])}
+    good["pixel_values"] = torch.ones(3, 8, 8)
+    text = {"input_ids": torch.tensor([1, 7]), "labels": torch.tensor([IGNORE, 7])}
+    b = c([good, text, {"skip": "too long"}])
+    assert b["input_ids"].tolist() == [[1, 4, 4, 9], [1, 7, 3, 3]]
+    assert b["labels"][1].tolist() == [IGNORE, 7, IGNORE, IGNORE]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b["pixel_values"].shape == (1, 3, 8, 8) and b["skipped"].tolist() == [0, 0, 0, 1]
+    p = c([{"skip": "missing image"}])
+    assert p["input_ids"].tolist() == [[1, 4, 4]] and (p["labels"] == IGNORE).all()
+
+
+def test_conversation_formats_supervise_only_the_answers():
+    tok = byte_tokenizer()
+    pairs = check_turns(
+        {
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nColour?"},
+                {"from": "gpt", "value": "Red"},
+                {"from": "human", "value": "Shape?"},
+                {"from": "gpt", "value": "circle"},
+            ],
+        },
+        "vicuna_v1",
+    )
+    ids, labels = encode(tok, pairs, "vicuna_v1", image_tokens=3, image_token_id=4, max_length=1000)
+    assert ids.count(4) == 3 and ids[0] == tok.bos_token_id
+    supervised = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert supervised == "Red</s>circle</s>"
+    assert tok.decode(ids[:1] + [i for i in ids[1:] if i != 4]).startswith("<s>A chat between")
+    ids, labels = encode(tok, [("<image>\nDescribe.", "a red circle.")], "plain", 3, 4, 1000)
+    assert ids[:4] == [tok.bos_token_id, 4, 4, 4]
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == "a red circle.\n"
+    with pytest.raises(BadSample, match="too long"):
+        encode(tok, [("<image>\nDescribe.", "a red circle.")], "plain", 3, 4, max_length=3)
+    for bad in (
+        {
+            "image": "x.png",
+            "conversations": [{"from": "human", "value": "no image token"}, {"from": "gpt", "value": "a"}],
+        },
+        {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]},
+        {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]},
+    ):
+        with pytest.raises(BadSample, match="malformed"):
+            check_turns(bad, "vicuna_v1")
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="stages"):
+        _config(tmp_path, "stages=[c]")
+    with pytest.raises(ConfigError, match="style"):
+        _config(tmp_path, "stage_b.style=chatml")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("{oops")
+        vlm_train.read_records(bad)
