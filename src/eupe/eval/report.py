@@ -10,7 +10,8 @@ suite resumes where it stopped (`skip_existing`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from .common import RESULTS_FILE, EvalResult, read_result
 from .registry import TASKS, run_task
 
 LOWER_IS_BETTER = {"rmse"}
+RAW_SCORES = {"mme_perception"}  # points, not a fraction (MME perception: up to 2000)
+VLM_TASKS = ["textvqa_val", "scienceqa_img", "realworldqa", "pope", "gqa", "mme"]
 
 
 @dataclass
@@ -29,6 +32,18 @@ class SuiteModel:
     name: str = ""  # row label; default: the model spec
     model: str = ""
     weights: str | None = None
+    # the VLM columns: a LLaVA folder trained with this encoder (`eupe vlm train`'s final/), scored
+    # here with `eupe vlm eval`, or an `eupe vlm eval` output folder (its results.json is read)
+    vlm: str | None = None
+
+
+@dataclass
+class SuiteVlm:
+    tasks: list[str] = field(default_factory=lambda: list(VLM_TASKS))
+    limit: int | None = None
+    data_dir: str | None = None  # offline benchmark copies (see `eupe vlm eval --data-dir`)
+    textvqa_ocr: bool = False
+    device: str = "auto"
 
 
 @dataclass
@@ -46,6 +61,7 @@ class SuiteConfig:
     evals: list[SuiteEval] = field(default_factory=list)
     # applied to every eval that has the key (e.g. device, num_workers); per-eval settings win
     settings: dict[str, Any] = field(default_factory=dict)
+    vlm: SuiteVlm = field(default_factory=SuiteVlm)  # read for models that name a `vlm` folder
     skip_existing: bool = True
     title: str = "Evaluation suite"
     # free-form values for ${...} interpolation in the entries above (data paths, weight files)
@@ -63,8 +79,10 @@ def load_suite_config(path: str | Path, overrides: list[str] | None = None) -> S
         suite: SuiteConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except (OmegaConfBaseException, OSError) as e:
         raise ConfigError(f"{path}: bad suite config ({str(e).splitlines()[0]})") from None
-    if not suite.models or not suite.evals:
-        raise ConfigError(f"{path}: a suite needs at least one entry under 'models' and one under 'evals'")
+    if not suite.models or not (suite.evals or any(m.vlm for m in suite.models)):
+        raise ConfigError(
+            f"{path}: a suite needs at least one entry under 'models' and one under 'evals' (or a model's 'vlm')"
+        )
     for e in suite.evals:
         if e.task not in TASKS:
             raise ConfigError(f"{path}: unknown task '{e.task}'; choose from {', '.join(TASKS)}")
@@ -80,8 +98,12 @@ def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def run_suite(suite: SuiteConfig) -> dict[str, Any]:
-    """Run every (model, eval) pair (PCA once over all models); write table.md, radar.png, suite.json."""
+def run_suite(suite: SuiteConfig, vlm_runner: Callable | None = None) -> dict[str, Any]:
+    """Run every (model, eval) pair (PCA once over all models); write table.md, radar.png, suite.json.
+
+    `vlm_runner` scores the LLaVA folders of models with a `vlm` entry (the CLI passes
+    `eupe.vlm.bench.run_vlm_eval`; the VLM path sits above this package).
+    """
     out = Path(suite.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, EvalResult]] = {m.name: {} for m in suite.models}
@@ -122,6 +144,7 @@ def run_suite(suite: SuiteConfig) -> dict[str, Any]:
                 res = EvalResult(ev.task, "", None, m.name, ev.data, settings, status=f"error: {e}")
                 res.write(run_dir)
             results[m.name][key] = res
+    columns += [(c, c) for c in _vlm_columns(suite, out, results, vlm_runner)]
     table = markdown_table(results, [c for c, _ in columns], suite.title)
     (out / "table.md").write_text(table)
     radar_plot(results, [c for c, _ in columns], out / "radar.png", suite.title)
@@ -135,14 +158,58 @@ def run_suite(suite: SuiteConfig) -> dict[str, Any]:
     return {"table": str(out / "table.md"), "radar": str(out / "radar.png"), "results": summary}
 
 
+def _vlm_columns(
+    suite: SuiteConfig, out: Path, results: dict[str, dict[str, EvalResult]], vlm_runner: Callable | None
+) -> list[str]:
+    """Score (or read) each model's LLaVA run on the VLM benchmarks; the columns it adds."""
+    import json
+
+    columns: list[str] = []
+    for m in suite.models:
+        if not m.vlm:
+            continue
+        run_dir = out / safe_name(m.name) / "vlm"
+        source = Path(m.vlm) / RESULTS_FILE
+        if suite.skip_existing and (run_dir / RESULTS_FILE).is_file():
+            source = run_dir / RESULTS_FILE
+        if not source.is_file():
+            if vlm_runner is None:
+                raise ConfigError(f"{m.vlm}: no results.json to read, and no VLM scorer given to run_suite")
+            v = suite.vlm
+            vlm_runner(
+                m.vlm,
+                v.tasks,
+                run_dir,
+                limit=v.limit,
+                data_dir=v.data_dir,
+                textvqa_ocr=v.textvqa_ocr,
+                device=v.device,
+            )
+            source = run_dir / RESULTS_FILE
+        names = {f.name for f in fields(EvalResult)}
+        for entry in json.loads(source.read_text()).values():
+            r = EvalResult(**{k: v for k, v in entry.items() if k in names})
+            label = r.extra.get("label") or r.task
+            results[m.name][label] = r
+            if label not in columns:
+                columns.append(label)
+    return columns
+
+
 def _lower_better(results: dict[str, dict[str, EvalResult]], col: str) -> bool:
     return any(row[col].metric in LOWER_IS_BETTER for row in results.values() if col in row)
+
+
+def _shown(value: float, metric: str) -> str:
+    if metric in LOWER_IS_BETTER:
+        return f"{value:.3f}"
+    return f"{value:.0f}" if metric in RAW_SCORES else f"{100 * value:.1f}"
 
 
 def _fmt(r: EvalResult) -> str:
     if r.value is None:
         return "n/a" if r.status.startswith("not supported") else "error"
-    return f"{r.value:.3f}" if r.metric in LOWER_IS_BETTER else f"{100 * r.value:.1f}"
+    return _shown(r.value, r.metric)
 
 
 def markdown_table(results: dict[str, dict[str, EvalResult]], cols: list[str], title: str = "") -> str:
@@ -174,7 +241,10 @@ def markdown_table(results: dict[str, dict[str, EvalResult]], cols: list[str], t
                 text = f"**{text}**"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy, mIoU and PCK in %; RMSE in metres. n/a: not supported by the model."]
+    lines += [
+        "",
+        "Accuracy, mIoU, PCK and F1 in %; RMSE in metres; MME in points. n/a: not supported by the model.",
+    ]
     lines += sorted(notes)
     return "\n".join(lines) + "\n"
 
@@ -202,7 +272,8 @@ def radar_plot(
     for c in cols:
         vals = [row[c].value for row in results.values() if c in row and row[c].value is not None]
         best = (min(vals) if _lower_better(results, c) else max(vals)) if vals else None
-        shown = "" if best is None else (f"{best:.3f}" if _lower_better(results, c) else f"{100 * best:.1f}")
+        metric = next((row[c].metric for row in results.values() if c in row and row[c].metric), "")
+        shown = "" if best is None else _shown(best, metric)
         labels.append(f"{c}\n(best {shown})" if shown else c)
     colors = plt.get_cmap("tab10")
     for k, (name, row) in enumerate(results.items()):
