@@ -212,3 +212,21 @@ def test_bad_config_is_one_clear_error(tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text("{oops")
         vlm_train.read_records(bad)
+
+
+def test_a_frozen_language_model_can_load_in_bf16_and_the_projector_still_learns():
+    from PIL import Image
+
+    from eupe.vlm.model import build_llava
+
+    lm = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    lm |= dict(num_attention_heads=2, num_key_value_heads=2, vocab_size=261, max_position_embeddings=256)
+    model, processor = build_llava("eupe_vitt16", lm, tokenizer="byte", image_size=32, dtype=torch.bfloat16)
+    assert model.model.language_model.dtype == torch.bfloat16
+    assert model.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+    assert next(model.model.vision_tower.parameters()).dtype == torch.float32
+    inputs = processor(
+        text=chat_prompt("Colour?"), images=[square(Image.new("RGB", (40, 30)))], return_tensors="pt"
+    )
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0

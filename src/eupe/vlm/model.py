@@ -102,7 +102,7 @@ def load_language_model(spec: str | dict[str, Any], dtype: torch.dtype | None = 
         if not kind:
             raise ConfigError("language_model as a mapping needs model_type (e.g. llama) and its sizes")
         config = _tf.AutoConfig.for_model(kind, **spec)
-        return _tf.AutoModelForCausalLM.from_config(config)
+        return _tf.AutoModelForCausalLM.from_config(config).to(dtype or torch.float32)
     try:
         return _tf.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
     except OSError as e:
@@ -153,6 +153,9 @@ def build_llava(
 ) -> tuple[EupeLlavaForConditionalGeneration, Any]:
     """A fresh LLaVA-1.5: pretrained encoder and language model, a new 2-layer GELU projector.
 
+    `dtype` is the language model's (e.g. bf16 when it stays frozen); the encoder and the projector
+    stay in float32, and the projected features are cast to the language model's dtype.
+
     `image_size` None is the paper's: 336 px for patch-14 encoders, else 384 (576 tokens at 14/16).
     """
     vision = load_vision_tower(encoder, encoder_weights)
@@ -187,8 +190,6 @@ def build_llava(
     model.model.language_model = getattr(lm, lm.base_model_prefix)
     model.lm_head = lm.get_output_embeddings()
     model.model.multi_modal_projector = modeling_llava.LlavaMultiModalProjector(config)
-    model.model.multi_modal_projector.to(lm.dtype)
-    vision.to(lm.dtype)
     return model, make_processor(tok, image_size, stride)
 
 
@@ -238,6 +239,9 @@ def load_llava(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> t
             f"{folder}: its weights lack {len(missing)} tensors of the model, e.g. {missing[0]}"
         )
     _load_vision_tower_weights(model, folder)
+    if dtype is not None and dtype != torch.float32:  # as build_llava: dtype is the language model's
+        model.model.vision_tower.float()
+        model.model.multi_modal_projector.float()
     return model.eval(), _tf.AutoProcessor.from_pretrained(folder)
 
 

@@ -79,6 +79,9 @@ class VlmConfig:
     image_size: int = 0  # 0: 336 for patch-14 encoders, else 384 (576 tokens for patch 14/16)
     language_model: Any = "lmsys/vicuna-7b-v1.5"  # Hub name or folder; or a config mapping (random init)
     tokenizer: str | None = None  # default: the language model's; "byte": built here, no download
+    # the language model's weights: auto = bfloat16 where it stays frozen (stage A) on a bf16 GPU, else
+    # float32 (the optimizer's master weights; bf16 autocast computes in bf16 anyway)
+    lm_dtype: str = "auto"  # auto | float32 | bfloat16
     max_length: int = 2048
     stages: list[str] = field(default_factory=lambda: ["a", "b"])
     init: str | None = None  # a LLaVA folder to start from, e.g. a stage-A final/ for `stages: [b]`
@@ -117,6 +120,8 @@ def load_vlm_config(path: str | Path, overrides: list[str] | None = None) -> Vlm
             raise ConfigError(
                 f"{path}: stage_{s}.train lists projector and/or language_model, got {st.train}"
             )
+    if config.lm_dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"{path}: lm_dtype is auto, float32 or bfloat16")
     if str(config.trainer.bf16).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"{path}: trainer.bf16 is auto, true or false")
     return config
@@ -298,13 +303,21 @@ def _training_args(cfg: VlmConfig, st: StageConfig, folder: Path) -> Any:
     )
 
 
+def _lm_dtype(name: str, st: StageConfig) -> torch.dtype:
+    if name == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 and "language_model" not in st.train else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path) -> dict[str, Any]:
     from transformers import set_seed
 
     st: StageConfig = getattr(cfg, f"stage_{s}")
     set_seed(cfg.trainer.seed)  # the same projector (and random towers of tiny configs) on every resume
+    dtype = _lm_dtype(cfg.lm_dtype, st)
     if init is not None:
-        model, processor = load_llava(init)
+        model, processor = load_llava(init, dtype=dtype)
     else:
         model, processor = build_llava(
             cfg.encoder,
@@ -312,6 +325,7 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
             encoder_weights=cfg.encoder_weights,
             tokenizer=cfg.tokenizer,
             image_size=cfg.image_size or None,
+            dtype=dtype,
         )
     _freeze(model, st.train)
     tok = processor.tokenizer
