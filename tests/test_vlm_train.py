@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,9 +113,10 @@ def test_killed_stage_resumes_exactly(tmp_path, monkeypatch):
     assert steps == sorted(steps)  # the log lines written after checkpoint-4 were dropped on resume
 
 
-def test_bad_records_are_skipped_and_counted(tmp_path):
-    paths = write_toy_data(tmp_path / "data", n=8)
-    records = json.loads(Path(paths["stage_b"]).read_text())[:8]
+def test_bad_records_are_skipped_and_counted_over_two_ranks(tmp_path):
+    """torchrun, 2 CPU processes (gloo DDP): each rank skips its own bad records; the counts are summed."""
+    paths = write_toy_data(tmp_path / "data", n=7)
+    records = json.loads(Path(paths["stage_b"]).read_text())[:7]
     (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
     records += [
         {"id": "m", "image": "images/none.png", "conversations": records[0]["conversations"]},
@@ -120,19 +124,22 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
         {"id": "c1", "image": "images/0000.png", "conversations": [{"from": "gpt", "value": "x"}]},
         {"id": "c2", "image": "images/0000.png", "conversations": "hello"},
         ["not", "a", "record"],
-    ]
+    ]  # 12 records: 3 steps of 2 per rank, no padding by the distributed sampler
     data = tmp_path / "data" / "mixed.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "run"
-    summary = vlm_train.train_vlm(
-        _config(
-            out, "stages=[b]", "toy_data=false", f"stage_b.data={data}", f"stage_b.images={tmp_path / 'data'}"
-        )
-    )
-    skipped = summary["stages"]["b"]["skipped"]
-    assert skipped == {"missing image": 3, "unreadable image": 3, "malformed conversation": 9, "too long": 0}
+    args = [f"output_dir={out}", "stages=[b]", "toy_data=false", f"stage_b.data={data}"]
+    args += [f"stage_b.images={tmp_path / 'data'}", "stage_b.epochs=1", "stage_b.batch_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "eupe"]
+    proc = subprocess.run([*cmd, "vlm", "train", str(TINY), *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("final LLaVA model:") == 1  # rank 0 reports
+    assert "stage b: train loss" in proc.stdout and "5 records skipped" in proc.stdout
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["skipped"] == 15 and last["skipped_malformed_conversation"] == 9
+    assert last["skipped"] == 5 and last["skipped_malformed_conversation"] == 3
+    assert last["skipped_missing_image"] == 1 and last["skipped_unreadable_image"] == 1
+    assert load_llava(out / "final")[0] is not None
 
 
 def test_a_batch_of_only_bad_records_trains_on_a_placeholder(tmp_path):

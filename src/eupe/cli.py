@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -196,7 +197,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_eval_suite(args: argparse.Namespace) -> int:
     from .eval.report import load_suite_config, run_suite
 
-    summary = run_suite(load_suite_config(args.config, args.overrides))
+    suite = load_suite_config(args.config, args.overrides)
+    runner = None
+    if any(m.vlm for m in suite.models):
+        from .vlm.bench import run_vlm_eval as runner
+    summary = run_suite(suite, vlm_runner=runner)
     print(open(summary["table"]).read())
     print(f"table: {summary['table']}\nradar: {summary['radar']}")
     return 0
@@ -609,6 +614,104 @@ def _run_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eupe vlm ----------------------------------------------------------------------------------
+VLM_TASKS = "textvqa_val,scienceqa_img,realworldqa,pope,gqa,mme"
+
+
+def _cmd_vlm(sub: argparse._SubParsersAction) -> None:
+    p = _parser(
+        sub,
+        "vlm",
+        "vision-language evaluation (paper 8.2): train LLaVA-1.5 with an eupe encoder, score it with lmms-eval",
+        f"""
+        eupe vlm train configs/vlm/tiny.yaml output_dir=runs/vlm_tiny        # CPU, seconds, no download
+        torchrun --nproc_per_node 8 -m eupe vlm train configs/vlm/llava15_stage_a.yaml \\
+            encoder=eupe_vitb16 encoder_weights=eupe_vitb16.pth paths.llava=/data/llava output_dir=runs/a
+        eupe vlm eval --model runs/b/final --tasks {VLM_TASKS} --output-dir runs/b/eval
+        eupe vlm eval --model runs/vlm_tiny/final --tasks pope,mme --data-dir bench_data --limit 8 --output-dir out
+    """,
+    )
+    tools = p.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    t = tools.add_parser(
+        "train",
+        help="LLaVA-1.5 stage A (projector) then B (projector + LM); writes config, metrics, checkpoints, final/",
+        description="Train LLaVA-1.5 with an eupe encoder (frozen) on LLaVA-format JSON conversations. "
+        "Rerun the same command to resume a killed run.",
+    )
+    t.add_argument("config", help="YAML config (configs/vlm/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage_a.lr=2e-3")
+    t.set_defaults(run=_run_vlm_train)
+    e = tools.add_parser(
+        "eval",
+        help="score a LLaVA folder with lmms-eval; writes OUT/results.json (one entry per task)",
+        description="Score a LLaVA model folder (`eupe vlm train`'s final/) on lmms-eval benchmarks, with "
+        "lmms-eval's prompts and metrics.",
+    )
+    e.add_argument("--model", required=True, metavar="DIR", help="LLaVA folder (a run's final/)")
+    e.add_argument(
+        "--tasks", default=VLM_TASKS, help=f"comma-separated lmms-eval tasks (default: {VLM_TASKS})"
+    )
+    e.add_argument("--output-dir", required=True, metavar="OUT", help="folder for results.json")
+    e.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="score only the first N samples per task"
+    )
+    e.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="read each task from DIR/<task>/ (datasets.save_to_disk) instead of the Hugging Face Hub",
+    )
+    e.add_argument(
+        "--textvqa-ocr",
+        action="store_true",
+        help="TextVQA prompts list the OCR tokens (LLaVA-1.5's original eval); default: image only (lmms-eval's)",
+    )
+    e.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ...")
+    e.set_defaults(run=_run_vlm_eval)
+
+
+def _run_vlm_train(args: argparse.Namespace) -> int:
+    from .vlm.train import load_vlm_config, train_vlm
+
+    summary = train_vlm(load_vlm_config(args.config, args.overrides))
+    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports
+        return 0
+    for stage, info in summary["stages"].items():
+        skipped = sum((info.get("skipped") or {}).values())
+        loss = info.get("train_loss")
+        detail = (
+            f"train loss {loss:.4f}, {skipped} records skipped" if loss is not None else "already finished"
+        )
+        print(f"stage {stage}: {detail} -> {info['final']}")
+    print(f"final LLaVA model: {summary['final']}")
+    return 0
+
+
+def _run_vlm_eval(args: argparse.Namespace) -> int:
+    from .vlm.bench import run_vlm_eval
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_vlm_eval(
+        args.model,
+        tasks,
+        args.output_dir,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        textvqa_ocr=args.textvqa_ocr,
+        device=args.device,
+    )
+    for name, r in results.items():
+        value = r["value"]
+        shown = (
+            "n/a"
+            if value is None
+            else (f"{value:.1f}" if r["metric"] == "mme_perception" else f"{100 * value:.2f}%")
+        )
+        print(f"{name:>14}  {r['metric']:<16} {shown}")
+    print(f"results: {Path(args.output_dir) / 'results.json'}")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_models,
     _cmd_distill,
@@ -620,6 +723,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_data_check,
     _cmd_data,
     _cmd_cache_teacher,
+    _cmd_vlm,
 ]
 
 

@@ -270,10 +270,12 @@ def _training_args(cfg: VlmConfig, st: StageConfig, folder: Path) -> Any:
     auto = str(t.bf16).lower() == "auto"
     bf16 = (cuda and torch.cuda.is_bf16_supported()) if auto else str(t.bf16).lower() == "true"
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio)
+    # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio) and renames
+    # gradient_checkpointing to activation_checkpointing
     warmup = (
         {"warmup_ratio": st.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": st.warmup_ratio}
     )
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return TrainingArguments(
         output_dir=str(folder),
         per_device_train_batch_size=st.batch_size,
@@ -285,7 +287,6 @@ def _training_args(cfg: VlmConfig, st: StageConfig, folder: Path) -> Any:
         lr_scheduler_type="cosine",
         optim="adamw_torch",
         bf16=bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
         fsdp=t.fsdp,
         fsdp_config=t.fsdp_config or None,
         deepspeed=t.deepspeed,
@@ -300,6 +301,7 @@ def _training_args(cfg: VlmConfig, st: StageConfig, folder: Path) -> Any:
         remove_unused_columns=False,
         use_cpu=not cuda,
         **warmup,
+        **{ckpt: t.gradient_checkpointing},
     )
 
 
@@ -354,7 +356,7 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
         processing_class=processor,
         callbacks=_callbacks(metrics, s),
     )
-    if resume is not None:
+    if resume is not None and _is_main():
         print(f"stage {s}: resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     tmp = final.with_name(final.name + ".tmp")
@@ -384,7 +386,8 @@ def train_vlm(cfg: VlmConfig) -> dict[str, Any]:
         last = k == len(cfg.stages) - 1
         final = out / "final" if last else out / "checkpoints" / f"stage_{s}" / "final"
         if _is_model_dir(final):
-            print(f"stage {s}: already finished ({final})")
+            if _is_main():
+                print(f"stage {s}: already finished ({final})")
             summary[s] = {"final": str(final), "resumed": "finished"}
         else:
             summary[s] = {"final": str(final), **_run_stage(cfg, s, init, final, out)}
