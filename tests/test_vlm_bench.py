@@ -209,3 +209,18 @@ def test_importing_lmms_eval_leaves_truncated_images_corrupt():
     from PIL import ImageFile
 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_cli_vlm_eval_writes_results_and_prints_a_table(bench_dir, tmp_path, capsys, one_torch_thread):
+    from eupe.cli import main
+    from eupe.vlm.model import build_llava
+
+    model, processor = build_llava("eupe_vitt16", TINY_LM, tokenizer="byte", image_size=32)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    args = ["vlm", "eval", "--model", str(tmp_path / "llava"), "--tasks", "pope,mme", "--limit", "2"]
+    assert main([*args, "--data-dir", str(bench_dir), "--output-dir", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert "pope" in shown and "mme_perception" in shown and "results.json" in shown
+    assert list(json.loads((tmp_path / "out" / "results.json").read_text())) == ["pope", "mme"]
+    assert main(["vlm", "eval", "--model", "x", "--tasks", "vqav2", "--output-dir", str(tmp_path)]) == 2
