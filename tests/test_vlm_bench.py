@@ -224,3 +224,22 @@ def test_cli_vlm_eval_writes_results_and_prints_a_table(bench_dir, tmp_path, cap
     assert "pope" in shown and "mme_perception" in shown and "results.json" in shown
     assert list(json.loads((tmp_path / "out" / "results.json").read_text())) == ["pope", "mme"]
     assert main(["vlm", "eval", "--model", "x", "--tasks", "vqav2", "--output-dir", str(tmp_path)]) == 2
+
+
+def test_suite_scores_a_llava_folder_through_the_cli(bench_dir, tmp_path, one_torch_thread):
+    from eupe.cli import main
+    from eupe.vlm.model import build_llava
+
+    model, processor = build_llava("eupe_vitt16", TINY_LM, tokenizer="byte", image_size=32)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        f"output_dir: {tmp_path / 'out'}\n"
+        f"models: [{{name: tiny, model: eupe_vitt16, vlm: {tmp_path / 'llava'}}}]\n"
+        f"vlm: {{tasks: [pope, gqa], limit: 2, data_dir: {bench_dir}, device: cpu}}\n"
+    )
+    assert main(["eval", "suite", str(suite)]) == 0
+    assert (tmp_path / "out" / "tiny" / "vlm" / "results.json").is_file()
+    header = (tmp_path / "out" / "table.md").read_text().splitlines()[2]
+    assert "POPE f1" in header and "GQA accuracy" in header
