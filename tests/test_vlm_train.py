@@ -69,6 +69,9 @@ def test_final_loads_with_from_pretrained_and_answers(tiny_run):
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert ids.shape[1] > inputs["input_ids"].shape[1]
+    # transformers' from_pretrained on our class reads the same folder, tower included
+    again = EupeLlavaForConditionalGeneration.from_pretrained(out / "final")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     # every saved tensor is in the loaded model, the vision tower's under its module names
     from safetensors.torch import load_file
 
@@ -237,3 +240,23 @@ def test_a_frozen_language_model_can_load_in_bf16_and_the_projector_still_learns
     )
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_a_folder_missing_weights_is_one_clear_error(tiny_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from eupe.errors import CheckpointError
+
+    out, _ = tiny_run
+    for drop in ("model.vision_tower.layer.0.norm1.weight", "model.multi_modal_projector.linear_1.weight"):
+        broken = tmp_path / drop.split(".")[1]
+        shutil.copytree(out / "final", broken)
+        state = load_file(broken / "model.safetensors")
+        del state[drop]
+        save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match="vision tower|lack"):
+            load_llava(broken)
+    with pytest.raises(CheckpointError, match="not a LLaVA model folder"):
+        load_llava(tmp_path)

@@ -9,7 +9,8 @@ block's output instead (before the final norm), still without the prefix tokens.
 
 A model folder (`final/` of `eupe vlm train`) is an ordinary transformers folder:
 `EupeLlavaForConditionalGeneration.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR)`
-load it. The processor pads an image to a square with the mean colour (LLaVA-1.5's "pad"), then
+load it (`load_llava(DIR)` does both). Plain `LlavaForConditionalGeneration` would feed the prefix
+tokens to the projector, and in transformers 5.24 it misreads the nested DINOv3 tower's weights. The processor pads an image to a square with the mean colour (LLaVA-1.5's "pad"), then
 resizes it to the configured size and normalises it as the encoder expects.
 """
 
@@ -77,6 +78,41 @@ class EupeLlavaForConditionalGeneration(modeling_llava.LlavaForConditionalGenera
             config.text_config.hidden_size, config.text_config.vocab_size, bias=False
         )
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`, plus a strict read of the vision tower's tensors.
+
+        transformers (5.24) saves a DINOv3 tower nested in Llava under its Hub names
+        (`vision_tower.layer.0`, without the inner `model.`), and its renaming on the way back
+        garbles them (`layer_scale1` matches its `layer.` pattern). The tower (under 100M
+        parameters) is therefore read here by its module names; everything else loads as usual,
+        and a tensor missing outside the tower is an error.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        verbosity = _tf.logging.get_verbosity()
+        _tf.logging.set_verbosity_error()  # its warnings about the tower's names are handled below
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        finally:
+            _tf.logging.set_verbosity(verbosity)
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith(TOWER))
+        if missing:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path}: its weights lack {len(missing)} tensors of the model, "
+                f"e.g. {missing[0]}"
+            )
+        _load_vision_tower_weights(model, _local_folder(pretrained_model_name_or_path, kwargs))
+        if want_info:
+            keep = {
+                k: [x for x in v if not str(x).startswith(TOWER)]
+                for k, v in info.items()
+                if k.endswith("keys")
+            }
+            return model, {**info, **keep}
+        return model
 
 
 def load_vision_tower(encoder: str, weights: str | None = None) -> Any:
@@ -193,53 +229,55 @@ def build_llava(
     return model, make_processor(tok, image_size, stride)
 
 
+TOWER = "model.vision_tower."
+
+
 def _tower_name(key: str) -> str:
     """A saved vision-tower key as the module names it (`...vision_tower.model.layer.0...`)."""
     return re.sub(r"^model\.vision_tower\.(layer|stages)\.", r"model.vision_tower.model.\1.", key)
 
 
-def _load_vision_tower_weights(model: Any, folder: Path) -> None:
-    """Read the vision tower's tensors from `folder` by our own names, strictly.
+def _local_folder(source: Any, kwargs: dict[str, Any]) -> Path:
+    """The folder holding `source`'s weight files (a Hub id resolves to its cached snapshot)."""
+    if os.path.isdir(source):
+        return Path(source)
+    from huggingface_hub import snapshot_download
 
-    transformers (5.24) saves a DINOv3 tower nested in Llava under its Hub names (`vision_tower.layer.0`,
-    no inner `model.`) but its renaming on the way back garbles them (`layer_scale1` matches its
-    `layer.` pattern), so the tower (under 100M parameters) is read here instead.
-    """
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"], **hub))
+
+
+def _load_vision_tower_weights(model: Any, folder: Path) -> None:
+    """Load the vision tower's tensors from `folder`'s safetensors by the module's names, strictly."""
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
     got: dict[str, torch.Tensor] = {}
     for name in files or ["model.safetensors"]:
         with safe_open(str(folder / name), framework="pt") as f:
             for key in f.keys():
-                if key.startswith("model.vision_tower."):
+                if key.startswith(TOWER):
                     got[_tower_name(key)] = f.get_tensor(key)
-    prefix = "model.vision_tower."
-    want = {k for k in model.state_dict() if k.startswith(prefix)}
+    want = {k for k in model.state_dict() if k.startswith(TOWER)}
     if set(got) != want:
         lack = sorted(want - set(got)) or sorted(set(got) - want)
         raise CheckpointError(
             f"{folder}: its vision tower does not fit the model's config (first: {lack[0]})"
         )
     tower = model.model.vision_tower
-    state = {k[len(prefix) :]: v.to(next(tower.parameters()).dtype) for k, v in got.items()}
+    state = {k[len(TOWER) :]: v.to(next(tower.parameters()).dtype) for k, v in got.items()}
     tower.load_state_dict(state, strict=True)
 
 
 def load_llava(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """(model, processor) of a folder written by `eupe vlm train` (its `final/` or a checkpoint)."""
+    """(model, processor) of a folder written by `eupe vlm train` (its `final/` or a checkpoint).
+
+    `dtype` is the language model's; the encoder and the projector stay float32 (as `build_llava`).
+    """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a LLaVA model folder (no config.json); pass a run's final/")
-    model, info = EupeLlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, output_loading_info=True
-    )
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith("model.vision_tower."))
-    if missing:
-        raise CheckpointError(
-            f"{folder}: its weights lack {len(missing)} tensors of the model, e.g. {missing[0]}"
-        )
-    _load_vision_tower_weights(model, folder)
-    if dtype is not None and dtype != torch.float32:  # as build_llava: dtype is the language model's
+    model = EupeLlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    if dtype is not None and dtype != torch.float32:
         model.model.vision_tower.float()
         model.model.multi_modal_projector.float()
     return model.eval(), _tf.AutoProcessor.from_pretrained(folder)
