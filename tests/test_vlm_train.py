@@ -260,3 +260,22 @@ def test_a_folder_missing_weights_is_one_clear_error(tiny_run, tmp_path):
             load_llava(broken)
     with pytest.raises(CheckpointError, match="not a LLaVA model folder"):
         load_llava(tmp_path)
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    from eupe.cli import main
+
+    compute = Trainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = compute(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 3 else loss
+
+    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    args = [f"output_dir={tmp_path / 'run'}", "stages=[a]", "stage_a.max_steps=6", "trainer.save_steps=2"]
+    assert main(["vlm", "train", str(TINY), *args]) == 3
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("eupe vlm: error:")]
+    assert len(lines) == 1 and "the loss is not finite at step 4" in lines[0] and "checkpoint-2" in lines[0]
+    assert not (tmp_path / "run" / "final").exists()

@@ -34,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..distill.trainer import TrainingDiverged
 from ..errors import ConfigError
 from .data import REASONS, Collate, ConversationData, read_records
 from .model import build_llava, load_llava
@@ -177,6 +178,26 @@ def _trainer_class() -> type:
                 loss = out.logits.float().sum() * 0.0
                 return (loss, out) if return_outputs else loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(bad)  # every rank stops at the same step
+            if bad.item():
+                done = (
+                    last_checkpoint(Path(self.args.output_dir))
+                    if Path(self.args.output_dir).is_dir()
+                    else None
+                )
+                where = (
+                    f"rerun the command to resume from {done}" if done else "no checkpoint was written yet"
+                )
+                raise TrainingDiverged(
+                    f"the loss is not finite at step {self.state.global_step + 1} on {int(bad.item())} rank(s); "
+                    f"stopped before the optimizer step ({where}). Lower the learning rate or check the data."
+                )
+            return loss
 
         def _issue_warnings_after_load(self, load_result: Any) -> None:
             # the frozen vision tower is rebuilt as it was (same encoder, same seed or the same init
