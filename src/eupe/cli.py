@@ -700,6 +700,8 @@ def _run_vlm_eval(args: argparse.Namespace) -> int:
         textvqa_ocr=args.textvqa_ocr,
         device=args.device,
     )
+    if not results:  # a rank other than 0 under torchrun
+        return 0
     for name, r in results.items():
         value = r["value"]
         shown = (

@@ -110,6 +110,13 @@ class EupeLlava(lmms):
         if int(batch_size) != 1:
             raise ConfigError(f"{MODEL_NAME} answers one request at a time; use batch_size 1")
         self._device = pick_device(device or "auto")
+        if self._device == torch.device("cuda"):  # one GPU per rank under torchrun
+            self._device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self._device)
+        # under torchrun lmms-eval splits the questions over the ranks and gathers the answers with
+        # torch.distributed (its "torchrun" backend); NCCL between GPUs, gloo on CPUs
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if dtype is None:
@@ -307,6 +314,8 @@ def run_vlm_eval(
     if lm is None:
         lm = EupeLlava(str(model_dir), device=device, max_new_tokens=max_new_tokens)
     results = evaluate(lm, entries, manager, limit, out)
+    if results is None:  # under torchrun lmms-eval splits the questions over ranks; rank 0 reports
+        return {}
     settings = {
         "textvqa_ocr": bool(textvqa_ocr),
         "prompt": "vicuna_v1",
@@ -330,8 +339,10 @@ def run_vlm_eval(
     return payload
 
 
-def evaluate(lm: Any, entries: list[dict[str, Any]], manager: Any, limit: int | None, out: Path) -> dict:
-    """lmms-eval's `simple_evaluate` on the task entries, with per-sample logs."""
+def evaluate(
+    lm: Any, entries: list[dict[str, Any]], manager: Any, limit: int | None, out: Path
+) -> dict | None:
+    """lmms-eval's `simple_evaluate` on the task entries, with per-sample logs (None off rank 0)."""
     filelock_compat()
     # what lmms-eval reads from its CLI namespace; TextVQA writes its submission under output_path
     cli = argparse.Namespace(output_path=str(out), process_with_media=True, reasoning_tags=None)
@@ -344,6 +355,7 @@ def evaluate(lm: Any, entries: list[dict[str, Any]], manager: Any, limit: int | 
             task_manager=manager,
             log_samples=True,
             verbosity="WARNING",
+            distributed_executor_backend="torchrun",
             cli_args=cli,
         )
     except RetryError as e:  # loading a task's data failed (lmms-eval retries it 5 times)
