@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -674,7 +673,9 @@ def _run_vlm_train(args: argparse.Namespace) -> int:
     from .vlm.train import load_vlm_config, train_vlm
 
     summary = train_vlm(load_vlm_config(args.config, args.overrides))
-    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports
+    from .runtime import rank
+
+    if rank():  # under torchrun, rank 0 reports
         return 0
     for stage, info in summary["stages"].items():
         skipped = sum((info.get("skipped") or {}).values())

@@ -31,6 +31,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's global index (torchrun's RANK; 0 otherwise), readable before the group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def local_rank() -> int:
     """This process's index on its node (torchrun's LOCAL_RANK; 0 otherwise)."""
     return int(os.environ.get("LOCAL_RANK", "0"))

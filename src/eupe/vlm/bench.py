@@ -46,7 +46,8 @@ from tenacity import RetryError
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..eval.common import EvalResult, pick_device
+from ..eval.common import EvalResult
+from ..runtime import init_distributed, pick_device
 from .bench_data import GQA_IMAGES
 from .model import load_llava, square
 from .text import IMAGE, chat_prompt
@@ -109,14 +110,10 @@ class EupeLlava(lmms):
             raise ConfigError(f"{MODEL_NAME}: unknown argument(s) {', '.join(kwargs)}")
         if int(batch_size) != 1:
             raise ConfigError(f"{MODEL_NAME} answers one request at a time; use batch_size 1")
-        self._device = pick_device(device or "auto")
-        if self._device == torch.device("cuda"):  # one GPU per rank under torchrun
-            self._device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self._device)
+        self._device = pick_device(device or "auto")  # cuda:<LOCAL_RANK> under torchrun
         # under torchrun lmms-eval splits the questions over the ranks and gathers the answers with
         # torch.distributed (its "torchrun" backend); NCCL between GPUs, gloo on CPUs
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        init_distributed(self._device)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if dtype is None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..distill.trainer import TrainingDiverged
 from ..errors import ConfigError
+from ..runtime import rank
 from .data import REASONS, Collate, ConversationData, read_records
 from .model import build_llava, load_llava
 from .text import IGNORE, STYLES
@@ -244,7 +244,7 @@ def _truncate_metrics(metrics: Path, stage: str, step: int) -> None:
 
 
 def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def _barrier() -> None:
