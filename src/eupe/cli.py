@@ -689,6 +689,7 @@ def _run_vlm_train(args: argparse.Namespace) -> int:
 
 
 def _run_vlm_eval(args: argparse.Namespace) -> int:
+    from .eval.report import format_value
     from .vlm.bench import run_vlm_eval
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -704,12 +705,7 @@ def _run_vlm_eval(args: argparse.Namespace) -> int:
     if not results:  # a rank other than 0 under torchrun
         return 0
     for name, r in results.items():
-        value = r["value"]
-        shown = (
-            "n/a"
-            if value is None
-            else (f"{value:.1f}" if r["metric"] == "mme_perception" else f"{100 * value:.2f}%")
-        )
+        shown = "n/a" if r["value"] is None else format_value(r["value"], r["metric"], precise=True)
         print(f"{name:>14}  {r['metric']:<16} {shown}")
     print(f"results: {Path(args.output_dir) / 'results.json'}")
     return 0

@@ -63,13 +63,17 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def result_from_dict(data: dict[str, Any]) -> EvalResult:
+    """The `EvalResult` of one results.json entry (keys it does not know are ignored)."""
+    names = {f.name for f in fields(EvalResult)}
+    return EvalResult(**{k: v for k, v in data.items() if k in names})
+
+
 def read_result(path: str | Path) -> EvalResult:
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
-    data = json.loads(path.read_text())
-    names = {f.name for f in fields(EvalResult)}
-    return EvalResult(**{k: v for k, v in data.items() if k in names})
+    return result_from_dict(json.loads(path.read_text()))
 
 
 def not_supported(task: str, metric: str, model: str, dataset: str, settings: Any, reason: str) -> EvalResult:

@@ -9,9 +9,10 @@ suite resumes where it stopped (`skip_existing`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError, EupeError
-from .common import RESULTS_FILE, EvalResult, read_result
+from .common import RESULTS_FILE, EvalResult, read_result, result_from_dict
 from .registry import TASKS, run_task
 
 LOWER_IS_BETTER = {"rmse"}
@@ -152,8 +153,6 @@ def run_suite(suite: SuiteConfig, vlm_runner: Callable | None = None) -> dict[st
         name: {k: {"value": r.value, "metric": r.metric, "status": r.status} for k, r in row.items()}
         for name, row in results.items()
     }
-    import json
-
     (out / "suite.json").write_text(json.dumps(summary, indent=1) + "\n")
     return {"table": str(out / "table.md"), "radar": str(out / "radar.png"), "results": summary}
 
@@ -162,8 +161,6 @@ def _vlm_columns(
     suite: SuiteConfig, out: Path, results: dict[str, dict[str, EvalResult]], vlm_runner: Callable | None
 ) -> list[str]:
     """Score (or read) each model's LLaVA run on the VLM benchmarks; the columns it adds."""
-    import json
-
     columns: list[str] = []
     for m in suite.models:
         if not m.vlm:
@@ -186,9 +183,8 @@ def _vlm_columns(
                 device=v.device,
             )
             source = run_dir / RESULTS_FILE
-        names = {f.name for f in fields(EvalResult)}
         for entry in json.loads(source.read_text()).values():
-            r = EvalResult(**{k: v for k, v in entry.items() if k in names})
+            r = result_from_dict(entry)
             label = r.extra.get("label") or r.task
             results[m.name][label] = r
             if label not in columns:
@@ -200,16 +196,19 @@ def _lower_better(results: dict[str, dict[str, EvalResult]], col: str) -> bool:
     return any(row[col].metric in LOWER_IS_BETTER for row in results.values() if col in row)
 
 
-def _shown(value: float, metric: str) -> str:
+def format_value(value: float, metric: str, precise: bool = False) -> str:
+    """A metric's value as shown: fractions in %, RMSE in metres, raw scores (MME) in points."""
     if metric in LOWER_IS_BETTER:
-        return f"{value:.3f}"
-    return f"{value:.0f}" if metric in RAW_SCORES else f"{100 * value:.1f}"
+        return f"{value:.4f} m" if precise else f"{value:.3f}"
+    if metric in RAW_SCORES:
+        return f"{value:.1f}" if precise else f"{value:.0f}"
+    return f"{100 * value:.2f}%" if precise else f"{100 * value:.1f}"
 
 
 def _fmt(r: EvalResult) -> str:
     if r.value is None:
         return "n/a" if r.status.startswith("not supported") else "error"
-    return _shown(r.value, r.metric)
+    return format_value(r.value, r.metric)
 
 
 def markdown_table(results: dict[str, dict[str, EvalResult]], cols: list[str], title: str = "") -> str:
@@ -273,7 +272,7 @@ def radar_plot(
         vals = [row[c].value for row in results.values() if c in row and row[c].value is not None]
         best = (min(vals) if _lower_better(results, c) else max(vals)) if vals else None
         metric = next((row[c].metric for row in results.values() if c in row and row[c].metric), "")
-        shown = "" if best is None else _shown(best, metric)
+        shown = "" if best is None else format_value(best, metric)
         labels.append(f"{c}\n(best {shown})" if shown else c)
     colors = plt.get_cmap("tab10")
     for k, (name, row) in enumerate(results.items()):
@@ -310,5 +309,4 @@ def radar_plot(
 def format_result(r: EvalResult) -> str:
     if r.value is None:
         return f"{r.task} {r.model}: {r.status}"
-    value = f"{r.value:.4f} m" if r.metric in LOWER_IS_BETTER else f"{100 * r.value:.2f}%"
-    return f"{r.task} {r.model} on {r.dataset}: {r.metric} = {value}"
+    return f"{r.task} {r.model} on {r.dataset}: {r.metric} = {format_value(r.value, r.metric, precise=True)}"
