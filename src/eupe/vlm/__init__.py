@@ -5,3 +5,10 @@ conversation formats, `data` reads the LLaVA JSON format, `train` runs stages A 
 transformers `Trainer`, and `bench` scores a model with lmms-eval. Everything here needs the `vlm`
 extra: `pip install 'eupe[vlm]'`.
 """
+
+from importlib.util import find_spec
+
+from ..errors import ConfigError
+
+if find_spec("transformers") is None:  # one message for every module of the VLM path
+    raise ConfigError("the VLM path needs transformers: pip install 'eupe[vlm]'")

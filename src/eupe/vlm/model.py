@@ -23,25 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers as _tf
 from PIL import Image
 from safetensors import safe_open
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava import modeling_llava
 
 from ..errors import CheckpointError, ConfigError
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .text import IMAGE, byte_tokenizer, prepare_tokenizer
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError("the VLM path needs transformers: pip install 'eupe[vlm]'") from None
-    return transformers
-
-
-_tf = _transformers()
-from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
-from transformers.models.llava import modeling_llava  # noqa: E402
 
 
 def prefix_tokens(vision_config: Any) -> int:

@@ -32,12 +32,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ..distill.trainer import TrainingDiverged
 from ..errors import ConfigError
 from ..runtime import rank
 from .data import REASONS, Collate, ConversationData, read_records
-from .model import build_llava, load_llava
+from .model import TOWER, build_llava, load_llava
 from .text import IGNORE, STYLES
 
 
@@ -128,7 +130,7 @@ def load_vlm_config(path: str | Path, overrides: list[str] | None = None) -> Vlm
     return config
 
 
-class SkipCounts:
+class SkipCounts(TrainerCallback, ExportableState):
     """Records skipped so far, by reason, summed over ranks; saved in each checkpoint's trainer state."""
 
     def __init__(self, counts: list[int] | None = None):
@@ -138,85 +140,80 @@ class SkipCounts:
         return {"args": {"counts": self.counts}, "attributes": {}}
 
 
+class MetricsFile(TrainerCallback):
+    """Appends each log step of `stage` to `metrics.jsonl` (rank 0)."""
+
+    def __init__(self, path: Path, stage: str):
+        self.path, self.stage = path, stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            row = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def _callbacks(metrics: Path, stage: str) -> list[Any]:
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ExportableState
-
-    class SkippedRecords(SkipCounts, TrainerCallback, ExportableState):
-        pass
-
-    class MetricsFile(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                row = {"stage": stage, "step": state.global_step, "epoch": state.epoch, **logs}
-                with metrics.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-
-    return [SkippedRecords(), MetricsFile()]
+    return [SkipCounts(), MetricsFile(metrics, stage)]
 
 
-def _trainer_class() -> type:
-    from transformers import Trainer
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    class LlavaTrainer(Trainer):
-        """The Trainer, plus skipped-record counts and batches whose records were all skipped."""
 
-        def _skips(self) -> SkipCounts:
-            return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SkipCounts))
+class LlavaTrainer(Trainer):
+    """The Trainer, plus skipped-record counts, batches whose records were all skipped, a NaN stop."""
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            skipped = inputs.pop("skipped", None)
-            if skipped is not None:
-                skipped = skipped.to(self.args.device)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(skipped)
-                cb = self._skips()
-                cb.counts = [a + int(b) for a, b in zip(cb.counts, skipped.tolist())]
-            if not bool((inputs["labels"] != IGNORE).any()):  # the placeholder: a zero loss, same graph
-                inputs = {k: v for k, v in inputs.items() if k != "labels"}
-                out = model(**inputs)
-                loss = out.logits.float().sum() * 0.0
-                return (loss, out) if return_outputs else loss
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def _skips(self) -> SkipCounts:
+        # looked up each time: resuming replaces the callback by one rebuilt from the checkpoint
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SkipCounts))
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(bad)  # every rank stops at the same step
-            if bad.item():
-                done = (
-                    last_checkpoint(Path(self.args.output_dir))
-                    if Path(self.args.output_dir).is_dir()
-                    else None
-                )
-                where = (
-                    f"rerun the command to resume from {done}" if done else "no checkpoint was written yet"
-                )
-                raise TrainingDiverged(
-                    f"the loss is not finite at step {self.state.global_step + 1} on {int(bad.item())} rank(s); "
-                    f"stopped before the optimizer step ({where}). Lower the learning rate or check the data."
-                )
-            return loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = inputs.pop("skipped", None)
+        if skipped is not None:
+            skipped = skipped.to(self.args.device)
+            if _distributed():
+                torch.distributed.all_reduce(skipped)
+            cb = self._skips()
+            cb.counts = [a + int(b) for a, b in zip(cb.counts, skipped.tolist())]
+        if not bool((inputs["labels"] != IGNORE).any()):  # the placeholder: a zero loss, same graph
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            out = model(**inputs)
+            loss = out.logits.float().sum() * 0.0
+            return (loss, out) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        def _issue_warnings_after_load(self, load_result: Any) -> None:
-            # the frozen vision tower is rebuilt as it was (same encoder, same seed or the same init
-            # folder), not read back: the names transformers saves it under do not load (see model.py)
-            def keep(keys: list[str]) -> list[str]:
-                return [k for k in keys if ".vision_tower." not in f".{k}"]
-
-            result = SimpleNamespace(
-                missing_keys=keep(load_result.missing_keys), unexpected_keys=keep(load_result.unexpected_keys)
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        if _distributed():
+            torch.distributed.all_reduce(bad)  # every rank stops at the same step
+        if bad.item():
+            folder = Path(self.args.output_dir)
+            done = last_checkpoint(folder) if folder.is_dir() else None
+            where = f"rerun the command to resume from {done}" if done else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"the loss is not finite at step {self.state.global_step + 1} on {int(bad.item())} rank(s); "
+                f"stopped before the optimizer step ({where}). Lower the learning rate or check the data."
             )
-            super()._issue_warnings_after_load(result)
+        return loss
 
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            counts = self._skips().counts
-            logs = {**logs, "skipped": sum(counts)}
-            logs.update({f"skipped_{r.replace(' ', '_')}": n for r, n in zip(REASONS, counts) if n})
-            super().log(logs, start_time)
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # the frozen vision tower is rebuilt as it was (same encoder, same seed or the same init
+        # folder), not read back: the names transformers saves it under do not load (see model.py)
+        def keep(keys: list[str]) -> list[str]:
+            return [k for k in keys if not k.startswith(TOWER)]
 
-    return LlavaTrainer
+        result = SimpleNamespace(
+            missing_keys=keep(load_result.missing_keys), unexpected_keys=keep(load_result.unexpected_keys)
+        )
+        super()._issue_warnings_after_load(result)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        counts = self._skips().counts
+        logs = {**logs, "skipped": sum(counts)}
+        logs.update({f"skipped_{r.replace(' ', '_')}": n for r, n in zip(REASONS, counts) if n})
+        super().log(logs, start_time)
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -248,7 +245,7 @@ def _is_main() -> bool:
 
 
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.barrier()
 
 
@@ -369,7 +366,7 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
     resume = last_checkpoint(folder) if folder.is_dir() else None
     if resume is not None and _is_main():
         _truncate_metrics(metrics, s, int(resume.name.split("-")[-1]))
-    trainer = _trainer_class()(
+    trainer = LlavaTrainer(
         model=model,
         args=_training_args(cfg, st, folder),
         data_collator=collate,
