@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 pytest.importorskip("lmms_eval")
 pytest.importorskip("transformers")
@@ -20,21 +22,26 @@ from eupe.vlm.bench_data import write_benchmark_data  # noqa: E402
 
 PERCEPTION = {"existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark"}
 PERCEPTION |= {"artwork", "OCR"}
-TINY_LM = dict(
-    model_type="llama",
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    vocab_size=300,
-    max_position_embeddings=512,
+TINY_LM = OmegaConf.to_container(  # the tiny config's language model: 2 random Llama layers
+    OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "vlm" / "tiny.yaml").language_model
 )
 
 
 @pytest.fixture(scope="module")
 def manager():
     return task_manager()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random tiny LLaVA saved as `eupe vlm train` saves its final/ (ViT-T/16 at 64 px)."""
+    from eupe.vlm.model import build_llava
+
+    model, processor = build_llava("eupe_vitt16", TINY_LM, tokenizer="byte", image_size=64)
+    folder = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +167,8 @@ def test_textvqa_ocr_tokens_are_a_switch(bench_dir, tmp_path):
     assert all("\nReference OCR token: " in p for p in oracle.prompts["textvqa_val"])
 
 
-def test_tiny_llava_folder_on_all_six_tasks(bench_dir, tmp_path, one_torch_thread):
-    from eupe.vlm.model import build_llava
-
-    model, processor = build_llava("eupe_vitt16", TINY_LM, tokenizer="byte", image_size=64)
-    folder = tmp_path / "llava"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+def test_tiny_llava_folder_on_all_six_tasks(bench_dir, tiny_folder, tmp_path, one_torch_thread):
+    folder = tiny_folder
     out = tmp_path / "eval"
     results = run_vlm_eval(
         folder, list(TASKS), out, limit=2, data_dir=bench_dir, device="cpu", max_new_tokens=6
@@ -211,14 +213,12 @@ def test_importing_lmms_eval_leaves_truncated_images_corrupt():
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
-def test_cli_vlm_eval_writes_results_and_prints_a_table(bench_dir, tmp_path, capsys, one_torch_thread):
+def test_cli_vlm_eval_writes_results_and_prints_a_table(
+    bench_dir, tiny_folder, tmp_path, capsys, one_torch_thread
+):
     from eupe.cli import main
-    from eupe.vlm.model import build_llava
 
-    model, processor = build_llava("eupe_vitt16", TINY_LM, tokenizer="byte", image_size=32)
-    model.save_pretrained(tmp_path / "llava")
-    processor.save_pretrained(tmp_path / "llava")
-    args = ["vlm", "eval", "--model", str(tmp_path / "llava"), "--tasks", "pope,mme", "--limit", "2"]
+    args = ["vlm", "eval", "--model", str(tiny_folder), "--tasks", "pope,mme", "--limit", "2"]
     assert main([*args, "--data-dir", str(bench_dir), "--output-dir", str(tmp_path / "out")]) == 0
     shown = capsys.readouterr().out
     assert "pope" in shown and "mme_perception" in shown and "results.json" in shown
@@ -226,17 +226,13 @@ def test_cli_vlm_eval_writes_results_and_prints_a_table(bench_dir, tmp_path, cap
     assert main(["vlm", "eval", "--model", "x", "--tasks", "vqav2", "--output-dir", str(tmp_path)]) == 2
 
 
-def test_suite_scores_a_llava_folder_through_the_cli(bench_dir, tmp_path, one_torch_thread):
+def test_suite_scores_a_llava_folder_through_the_cli(bench_dir, tiny_folder, tmp_path, one_torch_thread):
     from eupe.cli import main
-    from eupe.vlm.model import build_llava
 
-    model, processor = build_llava("eupe_vitt16", TINY_LM, tokenizer="byte", image_size=32)
-    model.save_pretrained(tmp_path / "llava")
-    processor.save_pretrained(tmp_path / "llava")
     suite = tmp_path / "suite.yaml"
     suite.write_text(
         f"output_dir: {tmp_path / 'out'}\n"
-        f"models: [{{name: tiny, model: eupe_vitt16, vlm: {tmp_path / 'llava'}}}]\n"
+        f"models: [{{name: tiny, model: eupe_vitt16, vlm: {tiny_folder}}}]\n"
         f"vlm: {{tasks: [pope, gqa], limit: 2, data_dir: {bench_dir}, device: cpu}}\n"
     )
     assert main(["eval", "suite", str(suite)]) == 0

@@ -229,8 +229,7 @@ def test_a_frozen_language_model_can_load_in_bf16_and_the_projector_still_learns
 
     from eupe.vlm.model import build_llava
 
-    lm = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    lm |= dict(num_attention_heads=2, num_key_value_heads=2, vocab_size=261, max_position_embeddings=256)
+    lm = _config(Path("unused")).language_model  # the tiny config's 2-layer Llama
     model, processor = build_llava("eupe_vitt16", lm, tokenizer="byte", image_size=32, dtype=torch.bfloat16)
     assert model.model.language_model.dtype == torch.bfloat16
     assert model.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
