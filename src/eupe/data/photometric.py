@@ -11,6 +11,8 @@ The single-view ops equal torchvision's `adjust_*` and `gaussian_blur` to ~1e-6 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -66,21 +68,28 @@ def blur_size(sigma: float, view_size: int) -> int:
     return max(3, min(k, limit))
 
 
-def gaussian_blur(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """Separable Gaussian blur of [B,3,H,W] with one sigma per image and reflect padding.
+def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """`values` as float32 on `device` in one copy that does not block the host: a copy from
+    pageable memory synchronizes, so the values go through pinned memory when CUDA is present
+    (and the tensor is a real one: fake tensors, in a rehearsal, cannot be pinned)."""
+    host = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda" and torch.cuda.is_available() and type(host) is torch.Tensor:
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
-    Each image's kernel has its own size (`blur_size`), zero-padded to the batch's largest, so an
-    image is blurred exactly as on its own; two 1-D passes of shifted slices (a 13-tap kernel costs
-    26 instead of 169 multiply-adds per pixel, and no grouped convolution is needed)."""
-    side = min(x.shape[-2:])
-    sizes = [blur_size(s, side) for s in sigmas]
+
+def _blur(x: torch.Tensor, numbers: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """`gaussian_blur` with its numbers on x's device: the sigmas, then the kernel sizes `sizes`.
+    The kernels are built there, so nothing is copied."""
     size = max(sizes)
-    kernels = torch.zeros(len(sigmas), size)
-    for i, (sigma, n) in enumerate(zip(sigmas, sizes)):
-        t = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
-        g = torch.exp(-0.5 * (t / sigma) ** 2)
-        kernels[i, (size - n) // 2 : (size - n) // 2 + n] = g / g.sum()
-    kernels = kernels.to(device=x.device, dtype=x.dtype).view(len(sigmas), size, 1, 1, 1)
+    sigma, n = numbers.view(2, -1, 1)
+    t = torch.arange(size, device=x.device, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-0.5 * (t / sigma) ** 2).masked_fill(t.abs() > (n - 1) / 2, 0.0)
+    total = torch.zeros_like(sigma)
+    for k in set(sizes):  # summed over its own taps only, so a kernel is the same in any batch
+        lo = (size - k) // 2
+        total = torch.where(n == k, g[:, lo : lo + k].sum(1, keepdim=True), total)
+    kernels = (g / total).to(x.dtype).view(-1, size, 1, 1, 1)
     pad = size // 2
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     h, w = x.shape[-2:]
@@ -93,30 +102,60 @@ def gaussian_blur(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
     return out
 
 
+def _blur_numbers(x: torch.Tensor, sigmas: list[float]) -> tuple[list[float], list[int]]:
+    """The numbers `_blur` needs on the device (sigmas, kernel sizes), and the sizes."""
+    sizes = [blur_size(s, min(x.shape[-2:])) for s in sigmas]
+    return [*sigmas, *sizes], sizes
+
+
+def gaussian_blur(x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """Separable Gaussian blur of [B,3,H,W] with one sigma per image and reflect padding.
+
+    Each image's kernel has its own size (`blur_size`), zero-padded to the batch's largest, so an
+    image is blurred exactly as on its own; two 1-D passes of shifted slices (a 13-tap kernel costs
+    26 instead of 169 multiply-adds per pixel, and no grouped convolution is needed)."""
+    numbers, sizes = _blur_numbers(x, sigmas)
+    return _blur(x, _on_device(numbers, x.device), sizes)
+
+
+def _solarize(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    thr = thresholds.view(-1, 1, 1, 1)
+    return torch.where(x >= thr, 1.0 - x, x)
+
+
 def finish_views(views: torch.Tensor, params: list[dict[str, Any]]) -> torch.Tensor:
     """Jitter (recorded order), blur, solarize a batch [B,3,S,S] (uint8, or float in [0,1]) of
-    cropped views on their device; float32 [B,3,S,S] in [0,1]."""
-    x = views.float().div_(255.0) if views.dtype == torch.uint8 else views.float().clone()
-    dev = x.device
+    cropped views on their device; float32 [B,3,S,S] in [0,1].
 
-    def tensor(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
+    Every number the ops need (image indices, factors, sigmas, thresholds) goes to the device in
+    one non-blocking copy: a copy per op would each synchronize the host with the device."""
+    x = views.float().div_(255.0) if views.dtype == torch.uint8 else views.float().clone()
+    host: list[float] = []  # indices too: float32 holds them exactly (< 2**24)
+    steps = []  # (slice of `host` with the image indices, slice with the op's numbers, op)
+
+    def step(
+        idx: list[int], numbers: list[float], op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
+        start = len(host)
+        host.extend([*idx, *numbers])
+        steps.append((slice(start, start + len(idx)), slice(start + len(idx), len(host)), op))
 
     jitters = [p.get("jitter") for p in params]
     for slot in range(len(JITTER_OPS)):
         for op in JITTER_OPS:
             idx = [i for i, j in enumerate(jitters) if j and j["order"][slot] == op]
             if idx:
-                where = torch.tensor(idx, device=dev)
-                x[where] = _jitter(op, x[where], tensor([params[i]["jitter"][op] for i in idx]))
+                step(idx, [jitters[i][op] for i in idx], partial(_jitter, op))
     idx = [i for i, p in enumerate(params) if float(p.get("blur_sigma") or 0.0) > 0]
     if idx:
-        where = torch.tensor(idx, device=dev)
-        x[where] = gaussian_blur(x[where], [float(params[i]["blur_sigma"]) for i in idx])
+        numbers, sizes = _blur_numbers(x, [float(params[i]["blur_sigma"]) for i in idx])
+        step(idx, numbers, partial(_blur, sizes=sizes))
     idx = [i for i, p in enumerate(params) if p.get("solarize")]
     if idx:
-        where = torch.tensor(idx, device=dev)
-        thr = tensor([float(params[i].get("solarize_threshold", 0.5)) for i in idx]).view(-1, 1, 1, 1)
-        part = x[where]
-        x[where] = torch.where(part >= thr, 1.0 - part, part)
+        step(idx, [float(params[i].get("solarize_threshold", 0.5)) for i in idx], _solarize)
+    if steps:
+        on_device = _on_device(host, x.device)
+        for where, numbers, op in steps:
+            where = on_device[where].long()
+            x[where] = op(x[where], on_device[numbers])
     return x.clamp_(0.0, 1.0)

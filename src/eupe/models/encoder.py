@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from .rope import cache_rope_on_device
 from .zoo import ZooSpec, get_spec
 
 
@@ -91,6 +92,7 @@ class Encoder(
         self.overrides = dict(overrides or {})
         kwargs = {**self.spec.timm_kwargs, **self.overrides}
         self.backbone = timm.create_model(self.spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+        cache_rope_on_device(self.backbone)  # no host->device copy of RoPE coordinates per forward
 
     # -- facts -----------------------------------------------------------------------------
     @property

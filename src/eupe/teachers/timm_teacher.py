@@ -28,6 +28,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.encoder import EncoderOutput, feature_map_to_output
 from ..models.loading import read_state_dict
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..models.rope import cache_rope_on_device
 from .base import Teacher, register_teacher, rng_devices, weights_to_bf16
 
 SUMMARIES = ("cls", "head", "proj", "mean")
@@ -145,7 +146,7 @@ class TimmTeacher(Teacher):
             kwargs.setdefault("num_classes", 0)  # no classifier: the teacher's targets are features
         with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(seed)
-            net = _create(model, pretrained and not checkpoint, kwargs, resolution)
+            net = cache_rope_on_device(_create(model, pretrained and not checkpoint, kwargs, resolution))
         if checkpoint:
             _load_checkpoint(net, checkpoint)
         cfg = dict(getattr(net, "pretrained_cfg", None) or {})
