@@ -5,7 +5,7 @@
 
 On a GPU it runs Stage 2 as the paper does (a ViT-B/16 student at 256 px, bf16 autocast) against a
 randomly initialised teacher of the proxy's width (`eupe_proxy_g16`, `--teacher-depth` blocks; all
-40 by default), eager and with `train.compile=true`, and prints for each:
+50 by default), eager and with `train.compile=true`, and prints for each:
 
 - images/s over `--steps` timed optimizer steps (after warm-up; compile happens in warm-up);
 - MFU: FLOPs of one step (`torch.utils.flop_counter.FlopCounterMode`: teacher forward + student
@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from eupe.distill.config import load_config
 from eupe.distill.targets import ViewBatch
 from eupe.distill.trainer import Distiller
+from eupe.models.zoo import ZOO
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name; MFU is left out for GPUs not listed here.
 PEAK_BF16 = {
@@ -230,7 +231,10 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="CPU, tiny models: checks that the script runs")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--batch", type=int, default=128, help="images per GPU per step (default 128)")
-    p.add_argument("--teacher-depth", type=int, default=0, help="teacher blocks (default: the proxy's 40)")
+    proxy_depth = ZOO["eupe_proxy_g16"].timm_kwargs["depth"]
+    p.add_argument(
+        "--teacher-depth", type=int, default=0, help=f"teacher blocks (default: the proxy's {proxy_depth})"
+    )
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 20; tiny 2)")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 5; tiny 1)")
     p.add_argument("--procs", type=int, default=-1, help="processes for DDP/FSDP2 (default: #GPUs if >= 2)")

@@ -54,6 +54,9 @@ class CacheConfig:
     dtype: str = "bf16"  # bf16 | fp8 (e4m3, targets are unit-variance after TeacherNorm) | fp32
     shard_views: int = 512  # views per shard file
     batch: int = 32  # views per teacher forward
+    # how long ranks that finished their shard wait for the slowest one (not train.dist_timeout_s,
+    # which is for a rank that died: a slow shard or disk is no reason to kill the build)
+    finish_timeout_s: float = 86400.0
 
 
 def shard_name(rank: int, i: int) -> str:
@@ -146,7 +149,7 @@ def _collate(samples: list[tuple]) -> tuple:
 @dataclass
 class CachedBatch:
     views: torch.Tensor
-    targets: dict[str, EncoderOutput]  # normalized, float32
+    targets: dict[str, EncoderOutput]  # normalized, in the cache's dtype (float32 once on the device)
     params: list[dict[str, Any]]
 
 
@@ -207,8 +210,10 @@ class CacheLoader:
         views = deliver(views, params, self.device, self.device_augment)
         self.step += 1
         self.pos += self.batch * self.world
+        # the stored (bf16/fp8) rows as they are, pinned by the DataLoader on a GPU run: one copy to
+        # the device, upcast there (`CachedTargets.targets`)
         targets = {
-            t: EncoderOutput(cls=c.float(), patches=p.float(), registers=None, grid=self.grids[t])
+            t: EncoderOutput(cls=c, patches=p, registers=None, grid=self.grids[t])
             for t, (c, p) in rows.items()
         }
         return CachedBatch(views=views, targets=targets, params=params)

@@ -8,8 +8,9 @@
 3. the teachers run on batches of views at their native resolution, the normalized targets are
    cast (bf16 / fp8) and appended to the open shard, which is written whole (safetensors) once
    full: sequential writes only;
-4. each rank writes its index; rank 0 writes `cache.json` and `teacher_norm.safetensors` last,
-   so a folder with a cache.json is complete.
+4. each rank writes its index; the ranks meet on a gloo group that waits `cache.finish_timeout_s`
+   for the slowest shard, add up their counts on the device, and rank 0 writes `cache.json` and
+   `teacher_norm.safetensors` last, so a folder with a cache.json is complete.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,8 @@ def load_cache_config(options: list[str]) -> CacheConfig:
         )
     if cc.dtype not in DTYPES:
         raise ConfigError(f"cache.dtype={cc.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cc.finish_timeout_s <= 0:
+        raise ConfigError(f"cache.finish_timeout_s must be > 0 (seconds); got {cc.finish_timeout_s}")
     return cc
 
 
@@ -111,6 +115,20 @@ def _measure_norm(
     return measure_norm(norm, teachers, views)
 
 
+def _sum_over_ranks(
+    counts: list[int], device: torch.device, finish: torch.distributed.ProcessGroup | None
+) -> list[int]:
+    """`counts` added up over all ranks. They first wait for the slowest on `finish` (gloo, with the
+    cache's long timeout), so the reduction on the default group, which NCCL only does on device
+    tensors, is immediate."""
+    if finish is None:
+        return counts
+    torch.distributed.barrier(group=finish)
+    total = torch.tensor(counts, dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
 def build_cache(cfg: DistillConfig, cc: CacheConfig) -> dict[str, Any]:
     """Write the cache for `cfg` into `cc.dir`; returns the summary also stored in cache.json."""
 
@@ -123,6 +141,8 @@ def build_cache(cfg: DistillConfig, cc: CacheConfig) -> dict[str, Any]:
         raise ConfigError(f"cache.dir={cc.dir!r} already holds a cache; choose another folder")
     device = pick_device(cfg.train.device)
     rank, world = init_distributed(device, cfg.train.dist_timeout_s)
+    timeout = timedelta(seconds=cc.finish_timeout_s)  # new_group is collective: every rank, here
+    finish = torch.distributed.new_group(backend="gloo", timeout=timeout) if world > 1 else None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
@@ -194,10 +214,8 @@ def build_cache(cfg: DistillConfig, cc: CacheConfig) -> dict[str, Any]:
         flush()
     seconds = time.perf_counter() - start
     (out / f"index_r{rank}.json").write_text(json.dumps(index))
-    local = torch.tensor([len(index), state["bytes"], len(state["skipped"])], dtype=torch.float64)
-    if world > 1:
-        torch.distributed.all_reduce(local)
-    n_views, n_bytes, n_skipped = (int(x) for x in local.tolist())
+    counts = [len(index), state["bytes"], len(state["skipped"])]
+    n_views, n_bytes, n_skipped = _sum_over_ranks(counts, device, finish)
     summary = {
         "version": 1,
         "teachers": {

@@ -57,6 +57,8 @@ class TargetSource:
 
 
 def _to(y: EncoderOutput, device: torch.device) -> EncoderOutput:
+    """Stored-dtype (bf16/fp8) rows to `device` in one copy (non-blocking from pinned memory),
+    upcast to float32 there: half the bytes over the bus, no float32 copy on the host."""
     return EncoderOutput(
         y.cls.to(device, non_blocking=True).float(),
         y.patches.to(device, non_blocking=True).float(),
