@@ -5,6 +5,7 @@ import functools
 import glob
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,11 +163,37 @@ def test_heads_shapes_for_every_student_teacher_pair(student):
         (["data.teacher_cache=x", "stage=pyramid", "student.init=y"], "data.teacher_cache='x'"),
         (["teachers.a__b.model=vit_small_patch16_224"], "teachers.a__b: teacher names may use"),
         (["data.curated_prob=2"], "data.curated_prob must be in [0, 1]"),
+        (["train.micro_batch=3"], "train.global_batch=8 is not a multiple of train.micro_batch x world size"),
+        (
+            ["train.micro_batch=2", "train.accum_steps=2"],
+            "train.accum_steps=2 and train.micro_batch=2 disagree",
+        ),
+        (["train.micro_batch=-1"], "train.micro_batch must be >= 0"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(TINY, overrides)
+
+
+def test_micro_batch_fixes_the_memory_per_gpu_at_any_world_size(monkeypatch, tmp_path):
+    """train.micro_batch: accum_steps = global / (micro x world), re-derived when a run resumes on
+    another world size (its saved accum_steps belonged to the old one)."""
+    from eupe.distill.config import micro_batch, to_yaml
+    from eupe.distill.trainer import _rederived_accum
+
+    for world, accum in ((1, 4), (2, 2), (4, 1)):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        cfg = load_config(TINY, ["train.micro_batch=2", "train.accum_steps=1"])
+        assert (cfg.train.accum_steps, micro_batch(cfg)) == (accum, 2)
+    saved = tmp_path / "config.yaml"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    saved.write_text(to_yaml(load_config(TINY, ["train.micro_batch=2", "train.accum_steps=1"])))  # accum_steps: 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(saved)
+    assert load_config(saved, _rederived_accum(saved)).train.accum_steps == 2
+    assert _rederived_accum(Path(TINY)) == []  # no micro_batch: accum_steps is the config's
 
 
 def test_pyramid_from_scratch_is_explicit():

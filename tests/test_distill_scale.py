@@ -99,6 +99,45 @@ def test_fsdp_checkpoint_resumes_on_another_world_size(one_process, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+# the GPU's policies (bf16 teachers, fused AdamW, FSDP's bf16 mixed precision, channels_last ConvNeXt)
+# on CPU processes: the code paths a GPU run takes, with gloo
+GPU_POLICIES = """
+import sys
+from eupe.cli import main
+from eupe.runtime import policies_for
+with policies_for("cuda"):
+    code = main(sys.argv[1:])
+sys.exit(code)
+"""
+
+
+def test_convnext_under_fsdp_steps_with_the_gpu_policies(tmp_path):
+    """A ConvNeXt student with train.fsdp=true on 2 gloo processes: the GPU's channels_last layout
+    must not reach `fully_shard`, which shards contiguous parameters only."""
+    script = tmp_path / "gpu_policies.py"
+    script.write_text(GPU_POLICIES)
+    out = tmp_path / "convnext"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
+    args = [
+        "distill",
+        STAGE1,
+        f"output_dir={out}",
+        "student.name=eupe_convnext_tiny",
+        "~student.overrides.depth",
+        "student.overrides.depths=[1, 1, 1, 1]",
+        "student.overrides.dims=[16, 32, 64, 768]",
+        "train.fsdp=true",
+        "train.bf16=true",
+        *SMALL,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    losses = _losses(out)
+    assert len(losses) == 4 and all(0 < v < 100 for v in losses)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 # -- family mode --------------------------------------------------------------------------------------
 FAMILY = {
     "d1": "{name: eupe_vitt16, resolution: 64, overrides: {depth: 1, drop_path_rate: 0.2}}",

@@ -22,6 +22,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 
 from .errors import ConfigError, EupeError
 
@@ -39,6 +40,48 @@ def rank() -> int:
 def local_rank() -> int:
     """This process's index on its node (torchrun's LOCAL_RANK; 0 otherwise)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# The device type whose policies apply whatever device tensors live on, and whether this process is a
+# rehearsal (`eupe distill --rehearse`: fake ranks, fake CPU tensors standing in for a GPU's). Both
+# are unset in every real run.
+_POLICY_TYPE: str | None = None
+_REHEARSAL = False
+
+
+def policy_device_type(device: torch.device | str) -> str:
+    """The device type that decides hardware policies: bf16 teachers, fused AdamW, FSDP mixed
+    precision, channels_last ConvNeXt. `device.type` in a real run; under `policies_for` the type
+    given there (a rehearsal's tensors live on the CPU but follow a GPU's policies)."""
+    return _POLICY_TYPE or torch.device(device).type
+
+
+@contextlib.contextmanager
+def policies_for(device_type: str) -> Iterator[None]:
+    """Apply `device_type`'s policies to tensors on any device (rehearsals; CPU tests of GPU paths)."""
+    global _POLICY_TYPE
+    previous, _POLICY_TYPE = _POLICY_TYPE, device_type
+    try:
+        yield
+    finally:
+        _POLICY_TYPE = previous
+
+
+def rehearsing() -> bool:
+    """Inside `rehearsal`: the other ranks and all tensors are fake (nothing to broadcast or compare)."""
+    return _REHEARSAL
+
+
+@contextlib.contextmanager
+def rehearsal(device_type: str) -> Iterator[None]:
+    """A rehearsal for `device_type`: its policies, and collectives that carry no values."""
+    global _REHEARSAL
+    previous, _REHEARSAL = _REHEARSAL, True
+    try:
+        with policies_for(device_type):
+            yield
+    finally:
+        _REHEARSAL = previous
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -129,7 +172,7 @@ def fail_together(world: int) -> Iterator[None]:
         yield
     except EupeError as e:
         error = e
-    if world > 1:
+    if world > 1 and not rehearsing():  # a rehearsal's other ranks are fake: this one speaks for all
         mine = None if error is None else (str(error), getattr(error, "exit_code", 2))
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine)
@@ -158,6 +201,10 @@ def allowed_sync() -> Iterator[None]:
 
 
 def host_values(t: torch.Tensor) -> list[float]:
-    """The values of a small device tensor on the host: the step's single synchronization."""
+    """The values of a small device tensor on the host: the step's single synchronization.
+
+    A fake tensor (a rehearsal) has no values: it reads as zeros, finite like a healthy step's."""
+    if is_fake(t):
+        return [0.0] * t.numel()
     with allowed_sync():
         return t.detach().double().cpu().tolist()

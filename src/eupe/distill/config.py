@@ -50,6 +50,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest K kept; <= 0 keeps all
     global_batch: int = 256  # images per optimizer step, over all devices and accumulation steps
     accum_steps: int = 1  # micro-batches per optimizer step on each device
+    # images per forward pass on one device; 0: global_batch / (accum_steps x world size). Set, it
+    # fixes the memory per GPU at any world size and accum_steps follows: global / (micro x world)
+    micro_batch: int = 0
     lr: float = 2e-5  # peak learning rate after warmup (times the lr_scaling factor)
     min_lr: float = 0.0  # cosine floor (times the lr_scaling factor)
     lr_scaling: str = "none"  # none | linear | sqrt: lr x (global_batch / lr_reference_batch)^(1 | 1/2)
@@ -68,6 +71,9 @@ class TrainConfig:
     progress: bool = True  # tqdm bar
     fsdp: bool | None = None  # FSDP2 under torchrun; None: only for eupe_proxy_g16 (others use DDP)
     activation_checkpointing: bool = False  # recompute student blocks in backward (less memory)
+    # FSDP with accum_steps > 1: reduce-scatter gradients every micro-batch (sharded gradients only);
+    # false: once per step, keeping unsharded fp32 gradients in between (4 B x parameters more)
+    fsdp_reduce_every_micro: bool = True
 
 
 @dataclass
@@ -176,8 +182,33 @@ def load_config(
     assert isinstance(cfg, DistillConfig)
     if not cfg.students:  # the single-student form, turned into the family form once
         cfg.students = {SINGLE: cfg.student}
+    _derive_accum_steps(cfg.train)
     validate(cfg)
     return cfg
+
+
+def _derive_accum_steps(t: TrainConfig) -> None:
+    """With `train.micro_batch` set, accum_steps = global_batch / (micro_batch x world size) on this
+    world size. A given accum_steps other than 1 must agree; a resumed run re-derives its own
+    (`train.accum_steps` saved on another world size is replaced, see `trainer.resume`)."""
+    if t.micro_batch <= 0:
+        if t.micro_batch < 0:
+            raise ConfigError(f"train.micro_batch must be >= 0 (0: from accum_steps); got {t.micro_batch}")
+        return
+    ws = world_size()
+    per_step = t.micro_batch * ws
+    if t.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch x world size = "
+            f"{t.micro_batch} x {ws}; pick a micro-batch that divides {t.global_batch // ws}"
+        )
+    derived = t.global_batch // per_step
+    if t.accum_steps not in (1, derived):
+        raise ConfigError(
+            f"train.accum_steps={t.accum_steps} and train.micro_batch={t.micro_batch} disagree on {ws} "
+            f"process(es) (global batch {t.global_batch} needs accum {derived}); set only one of them"
+        )
+    t.accum_steps = derived
 
 
 def student_key(cfg: DistillConfig, name: str) -> str:

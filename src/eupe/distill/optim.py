@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runtime import policy_device_type
+
 # Learned tokens and positional tables are not weights to shrink toward zero.
 _NO_DECAY_NAMES = ("token", "pos_embed", "rope", "gamma")
 
@@ -60,7 +62,7 @@ def build_optimization(
     """The optimizer and schedule of one student, from the `train` config section."""
     scale = lr_scale(train)
     optimizer = build_optimizer(
-        modules, train.lr * scale, train.weight_decay, train.betas, fused=device.type == "cuda"
+        modules, train.lr * scale, train.weight_decay, train.betas, fused=policy_device_type(device) == "cuda"
     )
     schedule = CosineSchedule(
         optimizer, train.lr * scale, train.max_steps, train.warmup_steps, train.min_lr * scale

@@ -9,7 +9,8 @@ its slice of every global batch, and every student is wrapped here:
   re-broadcast every forward (students have no running statistics);
 - FSDP2 (`torch.distributed.fsdp.fully_shard`) for `eupe_proxy_g16` (or `train.fsdp=true`): each
   block, the adapter heads and the root are sharded; on CUDA with `train.bf16` the all-gathers run
-  in bf16 and gradients are reduced in fp32 (`MixedPrecisionPolicy`); optional activation
+  in bf16 and gradients are reduced in fp32 (`MixedPrecisionPolicy`), every micro-batch of an
+  accumulation unless `train.fsdp_reduce_every_micro=false` (`grad_sync`); optional activation
   checkpointing (`train.activation_checkpointing`, timm's per-block checkpointing). Checkpoints of
   FSDP students are DCP folders (`torch.distributed.checkpoint`), one file per rank, written in
   place (asynchronously on request) and loadable on another world size; `final/` is gathered to
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.encoder import EncoderOutput
-from ..runtime import host_values
+from ..runtime import host_values, policy_device_type, rehearsing
 
 FSDP_BY_DEFAULT = ("eupe_proxy_g16",)
 DCP_DIR = "dcp"
@@ -81,17 +82,22 @@ def wrap_student(s: Any, cfg: Any, spec: Any, device: torch.device, world: int) 
     if getattr(cfg.train, "compile", False):
         compile_blocks(s.model)
     s.sharded = False
+    fsdp = world > 1 and uses_fsdp(cfg, spec.name, world)
+    if s.model.family == "convnext" and policy_device_type(device) == "cuda" and not fsdp:
+        # NHWC convolutions on tensor cores; FSDP shards contiguous parameters only (the inputs
+        # still go channels_last, which is what picks the NHWC kernels)
+        s.model.to(memory_format=torch.channels_last)
     if world == 1:
         s.runner = None
         return
     wrapper = StudentForward(s.model, s.heads)
-    if uses_fsdp(cfg, spec.name, world):
+    if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from .optim import build_optimization
 
         mp = {}
-        if device.type == "cuda" and cfg.train.bf16:
+        if policy_device_type(device) == "cuda" and cfg.train.bf16:
             mp["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in s.model.blocks():
             fully_shard(block, **mp)
@@ -107,7 +113,9 @@ def wrap_student(s: Any, cfg: Any, spec: Any, device: torch.device, world: int) 
     ids = [device.index] if device.type == "cuda" else None
     # no buffer broadcast before every forward: students hold no running statistics
     sync = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_args() else "broadcast_buffers"
-    s.runner = DistributedDataParallel(wrapper, device_ids=ids, **{sync: False})
+    # a rehearsal's ranks are fake: there are no weights to compare or broadcast at start-up
+    init = {"init_sync": False} if rehearsing() else {}
+    s.runner = DistributedDataParallel(wrapper, device_ids=ids, **{sync: False}, **init)
 
 
 def _ddp_args() -> set[str]:
@@ -130,15 +138,22 @@ def forward_student(
 
 
 @contextlib.contextmanager
-def grad_sync(s: Any, sync: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on micro-batches that are not the last of a step."""
+def grad_sync(s: Any, sync: bool, fsdp_every_micro: bool = True) -> Iterator[None]:
+    """Skip the gradient reduction on micro-batches that are not the last of a step, where that
+    costs no memory.
+
+    DDP (`no_sync`): every rank holds full gradients anyway, so skipping saves communication only.
+    FSDP2: skipping keeps every rank's *unsharded* fp32 gradients until the last micro-batch
+    (4 bytes x all parameters: +7.4 GB for the proxy), so by default (`fsdp_every_micro`,
+    `train.fsdp_reduce_every_micro`) FSDP reduce-scatters every micro-batch and keeps 1/N shards.
+    """
     runner = getattr(s, "runner", None)
-    if sync or runner is None:
+    if sync or runner is None or (getattr(s, "sharded", False) and fsdp_every_micro):
         yield
     elif hasattr(runner, "no_sync"):  # DDP
         with runner.no_sync():
             yield
-    else:  # FSDP2: keep unsharded gradients until the last micro-batch
+    else:  # FSDP2, asked to trade memory for fewer reduce-scatters
         runner.set_requires_gradient_sync(False)
         try:
             yield

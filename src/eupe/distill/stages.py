@@ -157,8 +157,6 @@ class StudentState:
             if student_cfg.init and student_cfg.init_heads
             else []
         )
-        if device.type == "cuda" and model.family == "convnext":
-            model.to(memory_format=torch.channels_last)  # NHWC convolutions on tensor cores
         optimizer, schedule = build_optimization([("model", model), ("heads", heads)], cfg.train, device)
         return cls(name, model, heads, optimizer, schedule, reused)
 

@@ -35,6 +35,7 @@ from ..runtime import (
     host_values,
     init_distributed,
     pick_device,
+    policy_device_type,
     rank_seed,
     seed_everything,
     shutdown,
@@ -167,7 +168,10 @@ class Distiller:
             views = batch.views
             targets = self.source.targets(batch, teacher_res)  # frozen, normalized
             for name, s in self.students.items():  # each on its own RNG stream
-                with self.streams.use(name), grad_sync(s, micro == t.accum_steps - 1):
+                with (
+                    self.streams.use(name),
+                    grad_sync(s, micro == t.accum_steps - 1, t.fsdp_reduce_every_micro),
+                ):
                     loss, terms = self.student_loss(s, views, targets, student_res[name])
                     (loss / t.accum_steps).backward()
                 for k, v in {"loss": loss.detach(), **terms}.items():
@@ -207,7 +211,7 @@ class Distiller:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student forward at `resolution`, every teacher's head and loss terms."""
         images = prepare_student(views, resolution, self.normalize)
-        if s.model.family == "convnext" and self.device.type == "cuda":
+        if s.model.family == "convnext" and policy_device_type(self.device) == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             out, projected = forward_student(s, images, list(targets))
@@ -495,12 +499,20 @@ def distill(cfg: DistillConfig) -> Path:
     return final
 
 
+def _rederived_accum(config: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    micro = OmegaConf.select(OmegaConf.load(config), "train.micro_batch", default=0)
+    return ["train.accum_steps=1"] if micro and int(micro) > 0 else []
+
+
 def resume(output_dir: str | Path) -> Path:
     """Continue the run in `output_dir` from its newest checkpoint; returns `output_dir/final`."""
     out = Path(output_dir)
     if not (out / CONFIG_FILE).is_file():
         raise CheckpointError(f"{out}: no {CONFIG_FILE}; --resume takes the output_dir of an earlier run")
-    cfg = load_config(out / CONFIG_FILE, [f"output_dir={out}"])
+    # with train.micro_batch, accum_steps is re-derived for this world size (it may differ from the saved one)
+    cfg = load_config(out / CONFIG_FILE, [f"output_dir={out}", *_rederived_accum(out / CONFIG_FILE)])
     found = ckpt.list_checkpoints(out)
     if found and found[-1][0] >= cfg.train.max_steps and (out / FINAL_DIR / "config.json").is_file():
         print(f"{out}: already complete at step {found[-1][0]}", file=sys.stderr)

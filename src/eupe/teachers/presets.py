@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..runtime import policy_device_type
 from .base import TEACHER_BACKENDS, Teacher, build_teacher
 from .spec import TeacherSpec
 
@@ -104,7 +105,7 @@ def build_teacher_from_spec(
         raise ConfigError(f"teachers.{name}.dtype must be 'auto', 'fp32' or 'bf16'; got {spec.dtype!r}")
     if spec.dtype == "auto":  # frozen 1-7B teachers: bf16 on GPUs, exact fp32 on the CPU
         spec = dataclasses.replace(
-            spec, dtype="bf16" if torch.device(device or "cpu").type == "cuda" else "fp32"
+            spec, dtype="bf16" if policy_device_type(device or "cpu") == "cuda" else "fp32"
         )
     kw = dataclasses.asdict(spec)
     backend = kw.pop("backend")
