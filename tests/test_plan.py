@@ -108,15 +108,21 @@ def deep_spec_costs():
     return spec, measure_costs(spec)
 
 
-def test_fsdp_shards_state_by_n(deep_spec_costs):
+def test_fsdp_shards_student_state_by_n_and_teachers_are_replicated(deep_spec_costs):
     spec, costs = deep_spec_costs
     ddp, fsdp = memory(spec, costs, 8, 1, False, False), memory(spec, costs, 8, 1, True, False)
     p = costs["student"].params + heads_params(192, 64, [(costs["t"].cls_dim, 32)])
-    assert ddp["weights"] == 4 * p and ddp["grads"] == 4 * p and ddp["optimizer"] == 8 * p
-    for key in ("weights", "grads", "optimizer", "teacher_weights"):
+    assert ddp["params"] == 4 * p and ddp["grads"] == 4 * p and ddp["optimizer"] == 8 * p
+    for key in ("params", "grads", "optimizer"):
         assert fsdp[key] == pytest.approx(ddp[key] / 8)
-    assert ddp["teacher_weights"] == 2 * costs["t"].params  # bf16, replicated
+    # the trainer replicates the frozen teachers on every rank (bf16), with or without FSDP
+    assert ddp["teacher_weights"] == fsdp["teacher_weights"] == 2 * costs["t"].params
+    assert ddp["comm_buffers"] == 4 * p  # DDP's fp32 gradient buckets
+    assert (
+        fsdp["comm_buffers"] == 8 * costs["student"].max_block_params
+    )  # bf16 gather + prefetch, fp32 reduce
     assert fsdp["activations"] == ddp["activations"]  # data parallel: activations do not shard
+    assert ddp["other"] == 3 * 64 * 64 * 4 + 2 * 2**30  # one fp32 input view + the CUDA/NCCL allowance
 
 
 def test_checkpointing_cuts_activations_and_batch_scales_them(deep_spec_costs):
@@ -129,15 +135,31 @@ def test_checkpointing_cuts_activations_and_batch_scales_them(deep_spec_costs):
 
 
 def test_sizing_attention_saves_what_flash_attention_saves():
-    """No T x T score matrix: q, k, v, out and the fp32 log-sum-exp, as flash attention on a GPU."""
-    q, k, v = (torch.empty(2, 3, 50, 8, device="meta", requires_grad=True) for _ in range(3))
-    shapes = []
-    with (
-        plan_measure._flash_like_sdpa(),
-        torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t),
-    ):
-        torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert sorted(shapes) == sorted([(2, 3, 50, 8)] * 4 + [(2, 3, 50)])
+    """On the fake CPU tensors activations are measured on, attention is the CPU flash kernel: it
+    saves no T x T score matrix, only q, k, v, out and the fp32 log-sum-exp (as flash attention on a
+    GPU). A ViT's saved bytes per image therefore grow with T, not T^2."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = (torch.empty(2, 3, 50, 8, requires_grad=True) for _ in range(3))
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t
+        ):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (2, 3, 50, 50) not in shapes and (2, 3, 50) in shapes and shapes.count((2, 3, 50, 8)) == 4
+
+
+def test_activations_are_measured_as_trained():
+    """Measured as the trainer trains: checkpointing keeps each block's input in the parameters'
+    dtype (fp32 for DDP students, bf16 for the FSDP proxy), 2 bytes per element more for fp32."""
+    ckpt = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cost = plan_measure.describe("s", "eupe", "eupe_vitt16", {"depth": 2})
+        cost._mode = plan_measure._as_trained(cost, dtype)
+        ckpt[dtype] = plan_measure.measure_activations(cost, 64)[1]
+    tokens = (64 // 16) ** 2 + 5  # cls + 4 registers
+    assert ckpt[torch.float32] - ckpt[torch.bfloat16] == 2 * tokens * 192 * 2  # 2 blocks
 
 
 def test_flop_counter_failure_falls_back_to_formula(monkeypatch):
@@ -222,8 +244,8 @@ def test_family_plan_runs_the_teacher_once_for_every_student():
     separate = sum(a["flops"]["per_image_model"] for a in alone)
     assert p["flops"]["per_image_model"] == pytest.approx(separate - 2 * teacher)
     # memory: every student's weights and optimizer, the largest student's activations
-    weights = [a["memory"]["variants"]["ddp"]["weights"] for a in alone]
+    weights = [a["memory"]["variants"]["ddp"]["params"] for a in alone]
     acts = [a["memory"]["variants"]["ddp"]["activations"] for a in alone]
-    assert p["memory"]["variants"]["ddp"]["weights"] == pytest.approx(sum(weights))
+    assert p["memory"]["variants"]["ddp"]["params"] == pytest.approx(sum(weights))
     assert p["memory"]["variants"]["ddp"]["activations"] == pytest.approx(max(acts))
     assert "student convnext" in format_plan(p)

@@ -15,7 +15,10 @@ from ...errors import ConfigError
 from .measure import BF16, ModelCost, size_model
 from .spec import PlanSpec
 
-GB = 1e9
+GIB = 2**30
+# device memory outside PyTorch's tensors (CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces): an
+# allowance, the same one `eupe distill --rehearse` adds
+OUTSIDE_TENSORS = 2 * GIB
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,13 @@ class Gpu:
     memory: float  # bytes of device memory
 
 
+MIB = 2**20
+# memory: the bytes the device reports (torch.cuda.get_device_properties().total_memory)
 GPUS = {
-    "h100": Gpu("H100 SXM 80GB", 989e12, 80 * GB),
-    "h200": Gpu("H200 SXM 141GB", 989e12, 141 * GB),  # same compute as H100, more and faster memory
-    "a100": Gpu("A100 SXM 80GB", 312e12, 80 * GB),
+    "h100": Gpu("H100 SXM 80GB", 989e12, 81559 * MIB),
+    "h200": Gpu("H200 SXM 141GB", 989e12, 143771 * MIB),  # same compute as H100, more and faster memory
+    "a100": Gpu("A100 SXM 80GB", 312e12, 81920 * MIB),
+    "a100-40gb": Gpu("A100 SXM 40GB", 312e12, 40960 * MIB),
 }
 
 
@@ -72,8 +78,10 @@ def measure_costs(spec: PlanSpec, progress: Callable[[str], None] | None = None)
 def memory(
     spec: PlanSpec, costs: dict[str, ModelCost], gpus: int, micro: int, fsdp: bool, ckpt: bool
 ) -> dict[str, float]:
-    """Bytes per device. P = students + heads parameters (a family holds every student), n = gpus if
-    FSDP shards (else 1); activations are the largest student's (each frees its own after backward)."""
+    """Bytes per device, in the categories `eupe distill --rehearse` measures. P = students + heads
+    parameters (a family holds every student), n = gpus if FSDP shards them (else 1); teachers are
+    replicated on every rank, as the trainer runs them; activations are the largest student's (each
+    frees its own after backward)."""
     nets = spec.student_nets()
     teachers = [costs[t] for t in spec.teachers]
     dims = [(t.cls_dim, t.embed_dim) for t in teachers]
@@ -98,24 +106,24 @@ def memory(
         (t.patch_tokens(max(spec.teachers[k].resolutions)) + 1) * t.embed_dim * 4
         for k, t in zip(spec.teachers, teachers)
     )
+    view = max(r for net in [*nets.values(), *spec.teachers.values()] for r in net.resolutions)
+    block = max(costs[k].max_block_params for k in nets)
     mem = {
-        "weights": 4.0 * p / n,
+        "params": 4.0 * p / n,
         "grads": 4.0 * p / n,
         "optimizer": 8.0 * p / n,
-        "fsdp_gather": 2.0
-        * BF16
-        * (max(costs[k].max_block_params for k in nets) + max(t.max_block_params for t in teachers))
-        if fsdp
-        else 0.0,
         "activations": micro * act,
-        "teacher_weights": BF16 * sum(t.params for t in teachers) / n,
+        "teacher_weights": BF16 * sum(t.params for t in teachers),
         "teacher_forward": micro * (teacher_ws + targets),
+        # FSDP: a block gathered in bf16 and the next prefetched, one block's fp32 gradients before
+        # their reduce-scatter; DDP: its fp32 gradient buckets
+        "comm_buffers": (2 * BF16 + 4) * block if fsdp else 4.0 * p,
+        "other": micro * 3 * view * view * 4 + OUTSIDE_TENSORS,  # fp32 input views + CUDA/NCCL allowance
     }
     mem["total"] = sum(mem.values())
-    per_image = act + teacher_ws + targets
-    fixed = mem["total"] - micro * per_image
+    per_image = act + teacher_ws + targets + 3 * view * view * 4
     mem["per_image"] = per_image
-    mem["fixed"] = fixed
+    mem["fixed"] = mem["total"] - micro * per_image
     return mem
 
 
@@ -126,7 +134,7 @@ def plan(
     gpu: str = "h100",
     mfu: float = 0.4,
     fsdp: bool | None = None,
-    checkpointing: bool = False,
+    checkpointing: bool | None = None,
     micro_batch: int | None = None,
     dataset_size: int | None = None,
     costs: dict[str, ModelCost] | None = None,
@@ -143,7 +151,10 @@ def plan(
     nets = spec.student_nets()
     teacher_fwd = {k: _mean(costs[k].fwd_flops, t.resolutions) for k, t in spec.teachers.items()}
     dims = [(costs[k].cls_dim, costs[k].embed_dim) for k in spec.teachers]
-    fsdp = any(costs[k].params > 1e9 for k in nets) if fsdp is None else fsdp
+    if fsdp is None:  # the config's train.fsdp, else FSDP for students over 1B (the trainer's proxy default)
+        fsdp = spec.fsdp if spec.fsdp is not None else any(costs[k].params > 1e9 for k in nets)
+    if checkpointing is None:  # the config's train.activation_checkpointing
+        checkpointing = spec.activation_checkpointing
     per_image = {f"teacher {k} forward": v for k, v in teacher_fwd.items()}  # once, for every student
     students_fwd = 0.0
     for key, net in nets.items():
@@ -162,7 +173,7 @@ def plan(
     step = spec.global_batch * (model_img + recompute_img)
     total = step * spec.max_steps
     seconds = total / (gpus * hw.peak_bf16 * mfu)
-    micro = micro_batch or max(1, spec.global_batch // (gpus * spec.accum_steps))
+    micro = micro_batch or spec.micro_batch or max(1, spec.global_batch // (gpus * spec.accum_steps))
     if micro * gpus > spec.global_batch:
         raise ConfigError(
             f"--micro-batch {micro} x --gpus {gpus} exceeds train.global_batch={spec.global_batch}"
@@ -221,9 +232,11 @@ def plan(
 
 
 MEMORY_FORMULA = (
-    "P = student(s) + heads params, n = GPUs with FSDP else 1, b = micro-batch; weights 4P/n (fp32 master), "
-    "grads 4P/n (fp32), optimizer 8P/n (AdamW m, v fp32), fsdp_gather 2*2*(largest student block + largest "
-    "teacher block) (bf16, current + prefetched), activations b*A (A measured per image for the largest "
-    "student, bf16; ckpt: block inputs + one block), teacher_weights 2*sum P_t/n (bf16), teacher_forward b*(T*(2D+max(3D,D_mlp))*2 "
-    "working set + sum_t (N_t+1)*D_t*4 fp32 targets)"
+    "P = student(s) + heads params, n = GPUs with FSDP else 1, b = micro-batch; params 4P/n (fp32 master), "
+    "grads 4P/n (fp32), optimizer 8P/n (AdamW m, v fp32), activations b*A (A measured per image for the "
+    "largest student at its largest draw, as trained: bf16 autocast, fp32 norms; ckpt: block inputs + one "
+    "block), teacher_weights 2*sum P_t (bf16, replicated on every rank), teacher_forward "
+    "b*(T*(2D+max(3D,D_mlp))*2 working set + sum_t (N_t+1)*D_t*4 fp32 targets), comm_buffers FSDP "
+    "(2*2+4)*largest block (bf16 all-gather + prefetch, fp32 reduce-scatter) / DDP 4P (gradient buckets), "
+    "other b*3*S^2*4 (fp32 input views) + 2 GiB (CUDA context, NCCL, workspaces)"
 )

@@ -1,28 +1,29 @@
-"""Measure a network's training cost without weights: FLOPs and saved activations on the meta device.
+"""Measure a network's training cost without weights: FLOPs on the meta device, saved activations on
+fake tensors.
 
 `eupe plan` needs per-image numbers for 1-2B parameter teachers and proxies on a laptop. Building a
-model under ``torch.device("meta")`` allocates nothing, and both `FlopCounterMode` and autograd's
-saved-tensor hooks run on meta tensors, so the counts below are those of the real modules (timm's
-attention, RoPE, ConvNeXt blocks), not a hand-written model of them.
+model under ``torch.device("meta")`` allocates nothing and `FlopCounterMode` runs on meta tensors;
+activations are measured on the same modules turned into fake CPU tensors (`FakeTensorMode`), where
+bf16 autocast runs as in training. The counts are those of the real modules (timm's attention,
+RoPE, ConvNeXt blocks), not a hand-written model of them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.flop_counter import FlopCounterMode
 
 from ...errors import ConfigError
 
-BF16 = 2  # bytes per element: activations, teacher weights and FSDP gather buffers are bf16
+BF16 = 2  # bytes per element: teacher weights and FSDP gather buffers are bf16
 
 
 @dataclass
@@ -31,8 +32,9 @@ class ModelCost:
 
     fwd_flops[r]: forward FLOPs of one r x r image (2 per multiply-add; matmul, conv and attention
         as counted by torch.utils.flop_counter; elementwise ops are not counted).
-    act_bytes[r]: bytes autograd saves for backward per image (bf16 compute, flash-style attention
-        that keeps q, k, v, out and the log-sum-exp, not the N x N scores).
+    act_bytes[r]: bytes autograd saves for backward per image, trained as the trainer trains it
+        (bf16 autocast over fp32 parameters, or bf16 parameters over 1B; flash attention, which keeps
+        q, k, v, out and the log-sum-exp, not the N x N scores).
     act_ckpt_bytes[r]: the same with every block checkpointed: block inputs stay alive, one block's
         activations are rebuilt at a time.
     flops_method: "FlopCounterMode(meta)" or "analytic: 2*params*tokens + 4*L*T^2*D" (the fallback).
@@ -159,50 +161,36 @@ def measure_forward_flops(cost: ModelCost, res: int) -> float:
 
 
 # --- activations ----------------------------------------------------------------------------------
-class _FlashLikeAttention(torch.autograd.Function):
-    """Stands in for SDPA while measuring: saves what flash/mem-efficient attention saves on a GPU
-    (q, k, v, out, fp32 log-sum-exp), not the N x N probabilities of the CPU math path."""
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:  # never run: sizing only
-        raise RuntimeError("sizing-only attention has no backward")
-
-
-@contextlib.contextmanager
-def _flash_like_sdpa() -> Iterator[None]:
-    original = F.scaled_dot_product_attention
-
-    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _FlashLikeAttention.apply(q, k, v)
-
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
+def _as_trained(cost: ModelCost, dtype: torch.dtype | None = None) -> FakeTensorMode:
+    """Materialise the meta-built network as fake CPU tensors in the dtype the trainer trains it in:
+    fp32 parameters (DDP students), or bf16 ones for a network over 1B parameters (the proxy, which
+    runs under FSDP2 with a bf16 mixed-precision policy)."""
+    net: nn.Module = cost._net  # type: ignore[attr-defined]
+    dtype = dtype or (torch.bfloat16 if cost.params > 1e9 else torch.float32)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        net._apply(
+            lambda t: torch.empty_like(t, device="cpu", dtype=dtype if t.is_floating_point() else t.dtype)
+        )
+    return mode
 
 
 def _saved_bytes(cost: ModelCost, batch: int, res: int) -> tuple[float, float]:
-    """(bytes saved for backward, the same with per-block checkpointing) for one forward."""
+    """(bytes saved for backward, the same with per-block checkpointing) for one training forward on
+    fake tensors: bf16 autocast with CUDA's fp32 norms, the CPU flash-attention kernel (it saves q, k,
+    v, the output and the log-sum-exp, as flash attention on a GPU does; no N x N scores)."""
     net: nn.Module = cost._net  # type: ignore[attr-defined]
     blocks: list[nn.Module] = cost._blocks  # type: ignore[attr-defined]
-    params = {id(p) for p in net.parameters()}
-    seen: dict[int, torch.Tensor] = {}  # root tensor id -> tensor, kept alive so ids stay unique
+    params = {p.untyped_storage() for p in net.parameters()}
+    seen: set = set()  # storages already counted (views and repeated saves count once)
     total = [0.0]
     per_block: list[tuple[float, float]] = []  # (saved inside the block, block input bytes)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        root = t._base if t._base is not None else t
-        if id(root) not in params and id(root) not in seen:
-            seen[id(root)] = root
-            total[0] += root.numel() * root.element_size()
+        storage = t.untyped_storage()
+        if storage not in params and storage not in seen:
+            seen.add(storage)
+            total[0] += storage.nbytes()
         return t
 
     def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -213,11 +201,14 @@ def _saved_bytes(cost: ModelCost, batch: int, res: int) -> tuple[float, float]:
         start, inp = per_block[-1]
         per_block[-1] = (total[0] + start, inp)
 
+    from ..rehearse.cluster import cuda_autocast_norms
+
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
-    x = torch.empty(batch, 3, res, res, device="meta", dtype=torch.bfloat16)
+    mode: FakeTensorMode = cost._mode  # type: ignore[attr-defined]
     try:
-        with _flash_like_sdpa(), saved_tensors_hooks(pack, lambda t: t):
-            outs = _run(net, x)
+        with mode, cuda_autocast_norms(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with saved_tensors_hooks(pack, lambda t: t):
+                outs = _run(net.train(), torch.empty(batch, 3, res, res))
     finally:
         for h in handles:
             h.remove()
@@ -229,9 +220,7 @@ def _saved_bytes(cost: ModelCost, batch: int, res: int) -> tuple[float, float]:
 
 def measure_activations(cost: ModelCost, res: int) -> tuple[float, float]:
     """Per-image (full, checkpointed) activation bytes: the difference of a batch of 2 and of 1,
-    so per-step constants (bf16 weight views, RoPE tables) drop out."""
-    net: nn.Module = cost._net  # type: ignore[attr-defined]
-    net.to(torch.bfloat16)  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16): activations in bf16
+    so per-step constants (bf16 weight casts, RoPE tables) drop out."""
     one, one_ckpt = _saved_bytes(cost, 1, res)
     two, two_ckpt = _saved_bytes(cost, 2, res)
     return two - one, two_ckpt - one_ckpt
@@ -258,7 +247,9 @@ def size_model(
             progress(f"{name} @{res}")
         cost.fwd_flops[res] = measure_forward_flops(cost, res)
     if trainable:
+        cost._mode = _as_trained(cost)  # type: ignore[attr-defined]
         for res in sorted(set(resolutions)):
             cost.act_bytes[res], cost.act_ckpt_bytes[res] = measure_activations(cost, res)
+        del cost._mode  # type: ignore[attr-defined]
     del cost._net, cost._blocks  # type: ignore[attr-defined]
     return cost

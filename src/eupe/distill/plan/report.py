@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .estimate import GB
+from .estimate import GIB
 
 
 def _f(x: float) -> str:
@@ -21,7 +21,7 @@ def format_plan(p: dict[str, Any]) -> str:
     st = next(c for k, c in p["models"].items() if k.startswith("student"))
     lines = [
         f"eupe plan {p['config']}: {hw['gpus']} x {hw['gpu']} ({hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 "
-        f"dense peak, {hw['memory_bytes'] / GB:.0f} GB), MFU {hw['mfu']}",
+        f"dense peak, {hw['memory_bytes'] / GIB:.1f} GiB), MFU {hw['mfu']}",
         f"  global batch {sp['global_batch']}, {sp['max_steps']:,} steps, micro-batch {par['micro_batch']}/GPU x "
         f"accum {par['accum_steps']}; {par['chosen']} (chosen)",
         "",
@@ -58,25 +58,26 @@ def format_plan(p: dict[str, Any]) -> str:
         f"total = x {sp['max_steps']:,} steps = {_f(fl['total'])} ({fl['total']:.3e})",
         f"  formula: {fl['formula']}",
         "",
-        f"memory per GPU (GB; micro-batch {par['micro_batch']}, n = {hw['gpus']} with FSDP):",
+        f"memory per GPU (GiB; micro-batch {par['micro_batch']}, n = {hw['gpus']} with FSDP):",
     ]
     variants = p["memory"]["variants"]
     lines.append(f"  {'':<18}" + "".join(f"{v + (' *' if v == par['chosen'] else ''):>14}" for v in variants))
     rows = [
-        "weights",
+        "params",
         "grads",
         "optimizer",
-        "fsdp_gather",
         "activations",
         "teacher_weights",
         "teacher_forward",
+        "comm_buffers",
+        "other",
         "total",
     ]
     for row in rows:
-        lines.append(f"  {row:<18}" + "".join(f"{m[row] / GB:>14,.1f}" for m in variants.values()))
-    cap = hw["memory_bytes"] / GB
+        lines.append(f"  {row:<18}" + "".join(f"{m[row] / GIB:>14,.1f}" for m in variants.values()))
+    cap = hw["memory_bytes"] / GIB
     lines.append(
-        f"  {'fits ' + format(cap, '.0f') + ' GB?':<18}"
+        f"  {'fits ' + format(cap, '.1f') + ' GiB?':<18}"
         + "".join(f"{'yes' if m['total'] <= hw['memory_bytes'] else 'NO':>14}" for m in variants.values())
     )
     lines.append(
@@ -86,7 +87,7 @@ def format_plan(p: dict[str, Any]) -> str:
     if chosen["total"] > hw["memory_bytes"]:
         fits = [v for v, m in variants.items() if m["total"] <= hw["memory_bytes"]]
         lines.append(
-            f"  ! {par['chosen']} needs {chosen['total'] / GB:.0f} GB > {cap:.0f} GB: use --micro-batch "
+            f"  ! {par['chosen']} needs {chosen['total'] / GIB:.0f} GiB > {cap:.1f} GiB: use --micro-batch "
             f"{chosen['max_micro_batch']} (more accumulation)" + (f" or {', '.join(fits)}" if fits else "")
         )
     lines += [f"  formula: {p['memory']['formula']}", ""]

@@ -37,6 +37,9 @@ class PlanSpec:
     global_batch: int
     max_steps: int
     accum_steps: int = 1
+    micro_batch: int = 0  # train.micro_batch: images per GPU per forward, whatever the GPU count
+    fsdp: bool | None = None  # train.fsdp (None: FSDP for students over 1B, the proxy)
+    activation_checkpointing: bool = False  # train.activation_checkpointing
     dataset_size: int | None = None
     # family runs: every student by name (`student` is then the first); empty for a lone student
     students: dict[str, NetSpec] = field(default_factory=dict)
@@ -118,6 +121,9 @@ def spec_from_config(cfg: Any, name: str = "config", arch: dict[str, str] | None
         global_batch=int(cfg.train.global_batch),
         max_steps=int(cfg.train.max_steps),
         accum_steps=int(cfg.train.accum_steps),
+        micro_batch=int(cfg.train.micro_batch),
+        fsdp=cfg.train.fsdp,
+        activation_checkpointing=bool(cfg.train.activation_checkpointing),
     )
 
 
