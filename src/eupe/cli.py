@@ -88,6 +88,8 @@ def _cmd_distill(sub: argparse._SubParsersAction) -> None:
         eupe distill configs/tiny/stage3.yaml teachers.proxy.checkpoint=S1/final student.init=S2/final
         eupe distill configs/paper/stage2_vitb16.yaml train.lr=1e-5 train.accum_steps=8
         eupe distill --resume S2          # continue a killed run from its newest checkpoint
+        eupe distill configs/paper/stage2_vitb16.yaml --rehearse 64 --json r.json   # fits 64 GPUs?
+        eupe distill configs/paper/stage1_proxy.yaml --rehearse 8 --gpu h200-141gb
     """,
     )
     p.add_argument("config", nargs="?", help="YAML config (see configs/paper and configs/tiny)")
@@ -98,6 +100,20 @@ def _cmd_distill(sub: argparse._SubParsersAction) -> None:
         help="config overrides, e.g. train.lr=1e-4; ~key deletes a key",
     )
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR")
+    r = p.add_argument_group(
+        "rehearsal",
+        "run the real trainer as rank 0 of WORLD ranks on fake tensors (one CPU core, no GPU, nothing "
+        "downloaded or written): per-GPU peak memory by category, FLOPs, fits or not (exit 0 / 4)",
+    )
+    r.add_argument("--rehearse", type=int, metavar="WORLD", help="number of GPUs to rehearse")
+    r.add_argument(
+        "--gpu",
+        default="h100-80gb",
+        metavar="NAME",
+        help="GPU to fit: h100-80gb (default), h200-141gb, a100-80gb, a100-40gb",
+    )
+    r.add_argument("--steps", type=int, default=2, help="steps measured (default 2), then one counting FLOPs")
+    r.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     p.set_defaults(run=_run_distill)
 
 
@@ -105,6 +121,8 @@ def _run_distill(args: argparse.Namespace) -> int:
     from .distill.config import load_config
     from .distill.trainer import distill, resume
 
+    if args.rehearse is not None:
+        return _rehearse(args)
     if args.resume:
         if args.config or args.overrides:
             extra = " ".join([*([args.config] if args.config else []), *args.overrides])
@@ -120,6 +138,25 @@ def _run_distill(args: argparse.Namespace) -> int:
         final = distill(load_config(args.config, args.overrides))
     print(f"final student: {final}")
     return 0
+
+
+def _rehearse(args: argparse.Namespace) -> int:
+    from .distill.rehearse import exit_code, format_rehearsal, rehearse
+
+    if args.resume or not args.config:
+        raise ConfigError("--rehearse WORLD takes a CONFIG file (and overrides), not --resume")
+
+    def progress(what: str) -> None:
+        print(f"rehearse: {what}", file=sys.stderr, flush=True)
+
+    result = rehearse(
+        args.config, args.overrides, world=args.rehearse, gpu=args.gpu, steps=args.steps, progress=progress
+    )
+    print(format_rehearsal(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return exit_code(result)
 
 
 # --- eupe eval ---------------------------------------------------------------------------------
@@ -214,7 +251,7 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
         "estimate a distill config's FLOPs, memory per GPU and wall-clock days (shows its formulas)",
         """
         eupe plan configs/paper/stage2_vitb16.yaml --gpus 64 --gpu h100 --json plan.json
-        eupe plan configs/paper/stage1_proxy.yaml --gpus 64 --fsdp --activation-checkpointing
+        eupe plan configs/paper/stage1_proxy.yaml --gpus 64 --no-activation-checkpointing
         eupe plan configs/paper/stage3_vitb16.yaml --gpus 32 --gpu a100 --mfu 0.35 --micro-batch 32
         eupe plan configs/tiny/stage2.yaml student.overrides.depth=1 --gpus 1 --arch proxy=eupe_vitt16
     """,
@@ -224,7 +261,9 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=1000"
     )
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
-    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"], help="GPU type (default h100)")
+    p.add_argument(
+        "--gpu", default="h100", choices=["h100", "h200", "a100", "a100-40gb"], help="GPU type (default h100)"
+    )
     p.add_argument(
         "--mfu", type=float, default=0.4, help="assumed fraction of peak bf16 FLOP/s (default 0.4)"
     )
@@ -232,10 +271,20 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
         "--fsdp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="shard student, heads, optimizer and teachers over the GPUs (default: only for students > 1B params)",
+        help="shard student, heads and optimizer over the GPUs (default: the config's train.fsdp, else "
+        "only for students > 1B params)",
     )
-    p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every student block")
-    p.add_argument("--micro-batch", type=int, help="images per GPU per forward (default global_batch / gpus)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="checkpoint every student block (default: the config's train.activation_checkpointing)",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="images per GPU per forward (default: train.micro_batch, else global_batch / (gpus x accum))",
+    )
     p.add_argument("--dataset-size", type=int, help="images in the dataset, e.g. 1689000000 for LVD-1689M")
     p.add_argument(
         "--arch",
@@ -593,7 +642,7 @@ def _cmd_cache_teacher(sub: argparse._SubParsersAction) -> None:
         nargs="*",
         metavar="key=value",
         help="cache.dir=DIR (required), cache.views=K, cache.dtype=bf16|fp8|fp32, cache.shard_views, "
-        "cache.batch, and any config override",
+        "cache.batch, cache.finish_timeout_s, and any config override",
     )
     p.set_defaults(run=_run_cache_teacher)
 
@@ -601,11 +650,13 @@ def _cmd_cache_teacher(sub: argparse._SubParsersAction) -> None:
 def _run_cache_teacher(args: argparse.Namespace) -> int:
     from .distill.cache_build import build_cache, load_cache_config
     from .distill.config import load_config
+    from .runtime import shutdown
 
     # cache.* options configure the cache; every other override is the distill config's
     cc = load_cache_config([o.removeprefix("cache.") for o in args.overrides if o.startswith("cache.")])
     cfg = load_config(args.config, [o for o in args.overrides if not o.startswith("cache.")])
     s = build_cache(cfg, cc)
+    shutdown()  # leave the process group cleanly (NCCL warns otherwise)
     print(
         f"cached {s['views']} views of {s['images']} images ({s['skipped']} unreadable): "
         f"{s['bytes_per_view'] / 1024:.1f} KiB/view, {s['views_per_s']:.1f} views/s"
