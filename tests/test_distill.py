@@ -188,7 +188,9 @@ def test_micro_batch_fixes_the_memory_per_gpu_at_any_world_size(monkeypatch, tmp
         assert (cfg.train.accum_steps, micro_batch(cfg)) == (accum, 2)
     saved = tmp_path / "config.yaml"
     monkeypatch.setenv("WORLD_SIZE", "1")
-    saved.write_text(to_yaml(load_config(TINY, ["train.micro_batch=2", "train.accum_steps=1"])))  # accum_steps: 4
+    saved.write_text(
+        to_yaml(load_config(TINY, ["train.micro_batch=2", "train.accum_steps=1"]))
+    )  # accum_steps: 4
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="disagree"):
         load_config(saved)

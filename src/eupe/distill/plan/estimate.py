@@ -16,6 +16,18 @@ from .measure import BF16, ModelCost, size_model
 from .spec import PlanSpec
 
 GIB = 2**30
+# what a GPU's memory holds during a step: the terms of `memory` and the rows `eupe distill
+# --rehearse` measures
+CATEGORIES = (
+    "params",
+    "grads",
+    "optimizer",
+    "activations",
+    "teacher_weights",
+    "teacher_forward",
+    "comm_buffers",
+    "other",
+)
 # device memory outside PyTorch's tensors (CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces): an
 # allowance, the same one `eupe distill --rehearse` adds
 OUTSIDE_TENSORS = 2 * GIB

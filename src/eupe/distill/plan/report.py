@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .estimate import GIB
+from .estimate import CATEGORIES, GIB
 
 
-def _f(x: float) -> str:
+def format_flops(x: float) -> str:
     """FLOPs in engineering units."""
     for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
         if abs(x) >= scale:
@@ -38,7 +38,7 @@ def format_plan(p: dict[str, Any]) -> str:
             net = sp["teachers"][key]
         res = "/".join(str(r) for r in net["resolutions"])
         toks = "/".join(str((r // c["stride"]) ** 2 + c["prefix_tokens"]) for r in net["resolutions"])
-        flops = "/".join(_f(c["fwd_flops"][r]) for r in net["resolutions"])
+        flops = "/".join(format_flops(c["fwd_flops"][r]) for r in net["resolutions"])
         lines.append(
             f"  {role:<8}{key.split(' ', 1)[1] if role == 'student' and ' ' in key else '' if role == 'student' else key:<16}{net['model']:<36}{c['params'] / 1e6:>9,.1f}M  @{res:<12} tokens "
             f"{toks:<14} fwd {flops}/img"
@@ -47,33 +47,22 @@ def format_plan(p: dict[str, Any]) -> str:
             lines.append(f"          note: {net['note']}")
     lines += ["", "FLOPs per image (E_r = mean over the resolutions a network draws, uniform):"]
     for k, v in fl["per_image"].items():
-        lines.append(f"  {k:<52}{_f(v):>16}")
+        lines.append(f"  {k:<52}{format_flops(v):>16}")
     if fl["per_image_recompute"]:
         lines.append(
-            f"  {'checkpoint recompute (1x student forward)':<52}{_f(fl['per_image_recompute']):>16}"
+            f"  {'checkpoint recompute (1x student forward)':<52}{format_flops(fl['per_image_recompute']):>16}"
         )
     lines += [
-        f"  {'total per image':<52}{_f(fl['per_image_model'] + fl['per_image_recompute']):>16}",
-        f"  per step = {sp['global_batch']} x per image = {_f(fl['per_step'])};  "
-        f"total = x {sp['max_steps']:,} steps = {_f(fl['total'])} ({fl['total']:.3e})",
+        f"  {'total per image':<52}{format_flops(fl['per_image_model'] + fl['per_image_recompute']):>16}",
+        f"  per step = {sp['global_batch']} x per image = {format_flops(fl['per_step'])};  "
+        f"total = x {sp['max_steps']:,} steps = {format_flops(fl['total'])} ({fl['total']:.3e})",
         f"  formula: {fl['formula']}",
         "",
         f"memory per GPU (GiB; micro-batch {par['micro_batch']}, n = {hw['gpus']} with FSDP):",
     ]
     variants = p["memory"]["variants"]
     lines.append(f"  {'':<18}" + "".join(f"{v + (' *' if v == par['chosen'] else ''):>14}" for v in variants))
-    rows = [
-        "params",
-        "grads",
-        "optimizer",
-        "activations",
-        "teacher_weights",
-        "teacher_forward",
-        "comm_buffers",
-        "other",
-        "total",
-    ]
-    for row in rows:
+    for row in (*CATEGORIES, "total"):
         lines.append(f"  {row:<18}" + "".join(f"{m[row] / GIB:>14,.1f}" for m in variants.values()))
     cap = hw["memory_bytes"] / GIB
     lines.append(
@@ -93,7 +82,7 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += [f"  formula: {p['memory']['formula']}", ""]
     t, im = p["time"], p["images"]
     lines.append(
-        f"wall-clock: {_f(fl['total'])} / ({hw['gpus']} x {hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s x {hw['mfu']}) = "
+        f"wall-clock: {format_flops(fl['total'])} / ({hw['gpus']} x {hw['peak_bf16_flops'] / 1e12:.0f} TFLOP/s x {hw['mfu']}) = "
         f"{t['days']:.2f} days ({t['gpu_hours']:,.0f} GPU-hours)"
     )
     seen = (

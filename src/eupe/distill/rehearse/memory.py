@@ -33,16 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-CATEGORIES = (
-    "params",
-    "grads",
-    "optimizer",
-    "activations",
-    "teacher_weights",
-    "teacher_forward",
-    "comm_buffers",
-    "other",
-)
+from ..plan.estimate import CATEGORIES
+
 BLOCK = 512  # bytes: the CUDA caching allocator's rounding (what memory_allocated reports)
 # code whose allocations are communication buffers, not the model's own tensors
 COMM_CODE = (

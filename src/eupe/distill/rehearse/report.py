@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .memory import CATEGORIES
+from ..plan.estimate import CATEGORIES
+from ..plan.report import format_flops
 
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 4
-
-
-def _flops(x: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(x) >= scale:
-            return f"{x / scale:,.2f} {unit}"
-    return f"{x:,.0f} FLOP"
 
 
 def format_rehearsal(r: dict[str, Any]) -> str:
@@ -32,7 +26,7 @@ def format_rehearsal(r: dict[str, Any]) -> str:
     lines.append(f"    {'peak':<18}{r['peak_gib']:>10.2f}")
     lines += [
         "",
-        f"  FLOPs: {_flops(r['flops_per_step'])} per step (all ranks), {_flops(r['flops_per_image'])} per image",
+        f"  FLOPs: {format_flops(r['flops_per_step'])} per step (all ranks), {format_flops(r['flops_per_image'])} per image",
     ]
     if r["plan_peak_gib"] is not None:
         lines.append(
