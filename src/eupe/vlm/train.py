@@ -192,6 +192,10 @@ class LlavaTrainer(Trainer):
             folder = Path(self.args.output_dir)
             done = last_checkpoint(folder) if folder.is_dir() else None
             where = f"rerun the command to resume from {done}" if done else "no checkpoint was written yet"
+            for callback in self.callback_handler.callbacks:  # end the progress bar's line first, so
+                bar = getattr(callback, "training_bar", None)  # the error is a line of its own
+                if bar is not None:
+                    bar.close()
             raise TrainingDiverged(
                 f"the loss is not finite at step {self.state.global_step + 1} on {int(bad.item())} rank(s); "
                 f"stopped before the optimizer step ({where}). Lower the learning rate or check the data."
