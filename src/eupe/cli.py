@@ -28,6 +28,11 @@ def _parser(sub: argparse._SubParsersAction, name: str, help: str, examples: str
     )
 
 
+def _write_json(path: str, obj: object) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1) + "\n")
+
+
 # --- eupe models -------------------------------------------------------------------------------
 def _cmd_models(sub: argparse._SubParsersAction) -> None:
     p = _parser(
@@ -154,8 +159,7 @@ def _rehearse(args: argparse.Namespace) -> int:
     )
     print(format_rehearsal(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        _write_json(args.json, result)
     return exit_code(result)
 
 
@@ -323,8 +327,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     )
     print(format_plan(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        _write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -82,7 +82,7 @@ def wrap_student(s: Any, cfg: Any, spec: Any, device: torch.device, world: int) 
     if getattr(cfg.train, "compile", False):
         compile_blocks(s.model)
     s.sharded = False
-    fsdp = world > 1 and uses_fsdp(cfg, spec.name, world)
+    fsdp = uses_fsdp(cfg, spec.name, world)
     if s.model.family == "convnext" and policy_device_type(device) == "cuda" and not fsdp:
         # NHWC convolutions on tensor cores; FSDP shards contiguous parameters only (the inputs
         # still go channels_last, which is what picks the NHWC kernels)

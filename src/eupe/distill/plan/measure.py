@@ -10,15 +10,18 @@ RoPE, ConvNeXt blocks), not a hand-written model of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from ...errors import ConfigError
@@ -161,6 +164,35 @@ def measure_forward_flops(cost: ModelCost, res: int) -> float:
 
 
 # --- activations ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cuda_autocast_norms() -> Iterator[None]:
+    """Under CPU autocast, run LayerNorm/GroupNorm in fp32 as CUDA autocast does (its fp32 list; CPU
+    autocast keeps the input's dtype): a bf16 input then gives an fp32 output, and backward saves
+    what it saves on the GPU. Patched into `torch.nn.functional` for the block, not a mode, so that
+    activation checkpointing's recompute in backward sees it too."""
+    originals = {name: getattr(F, name) for name in ("layer_norm", "group_norm")}
+
+    def fp32_under_autocast(fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if torch.is_autocast_enabled("cpu"):
+                args, kwargs = tree_map(_fp32, (args, kwargs))
+            return fn(*args, **kwargs)
+
+        return run
+
+    for name, fn in originals.items():
+        setattr(F, name, fp32_under_autocast(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(F, name, fn)
+
+
+def _fp32(x: Any) -> Any:
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def _as_trained(cost: ModelCost, dtype: torch.dtype | None = None) -> FakeTensorMode:
     """Materialise the meta-built network as fake CPU tensors in the dtype the trainer trains it in:
     fp32 parameters (DDP students), or bf16 ones for a network over 1B parameters (the proxy, which
@@ -200,8 +232,6 @@ def _saved_bytes(cost: ModelCost, batch: int, res: int) -> tuple[float, float]:
     def post(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         start, inp = per_block[-1]
         per_block[-1] = (total[0] + start, inp)
-
-    from ..rehearse.cluster import cuda_autocast_norms
 
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
     mode: FakeTensorMode = cost._mode  # type: ignore[attr-defined]

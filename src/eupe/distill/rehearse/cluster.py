@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -31,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ...runtime import rehearsal
+from ..plan.measure import cuda_autocast_norms
 
 SHADOW_LIMIT = 4096  # elements: host constants are small (drop-path rates, RoPE periods)
 # a tensor attribute, not a weak dictionary: modules swap parameters, which refuses weakly referenced tensors
@@ -92,35 +92,6 @@ class HostConstants(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def cuda_autocast_norms() -> Iterator[None]:
-    """Under CPU autocast, run LayerNorm/GroupNorm in fp32 as CUDA autocast does (its fp32 list; CPU
-    autocast keeps the input's dtype): a bf16 input then gives an fp32 output, and backward saves
-    what it saves on the GPU. Patched into `torch.nn.functional` for the block, not a mode, so that
-    activation checkpointing's recompute in backward sees it too."""
-    originals = {name: getattr(F, name) for name in ("layer_norm", "group_norm")}
-
-    def fp32_under_autocast(fn: Any) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if torch.is_autocast_enabled("cpu"):
-                args, kwargs = tree_map(_fp32, (args, kwargs))
-            return fn(*args, **kwargs)
-
-        return run
-
-    for name, fn in originals.items():
-        setattr(F, name, fp32_under_autocast(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(F, name, fn)
-
-
-def _fp32(x: Any) -> Any:
-    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
-
-
-@contextlib.contextmanager
 def fake_cluster(world: int, device_type: str = "cuda") -> Iterator[FakeTensorMode]:
     """Rank 0 of `world` fake ranks, fake tensors, and `device_type`'s policies; yields the mode.
 
@@ -131,16 +102,25 @@ def fake_cluster(world: int, device_type: str = "cuda") -> Iterator[FakeTensorMo
 
     if dist.is_initialized():
         raise RuntimeError("a rehearsal needs a process without a process group (it creates a fake one)")
+    with rank0_of(world):
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            norms = cuda_autocast_norms() if device_type == "cuda" else contextlib.nullcontext()
+            with rehearsal(device_type), mode, norms:
+                yield mode
+        finally:
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank0_of(world: int) -> Iterator[None]:
+    """The environment torchrun gives rank 0 of `world` (WORLD_SIZE, RANK, LOCAL_RANK), restored after."""
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     os.environ.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        norms = cuda_autocast_norms() if device_type == "cuda" else contextlib.nullcontext()
-        with rehearsal(device_type), mode, norms:
-            yield mode
+        yield
     finally:
-        dist.destroy_process_group()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -29,13 +29,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ...errors import ConfigError
-from ..config import DistillConfig, load_config
+from ..config import DistillConfig, load_config, micro_batch
 from ..parallel import uses_fsdp
 from ..plan.estimate import GPUS as PLAN_GPUS
 from ..plan.estimate import OUTSIDE_TENSORS  # CUDA context, NCCL buffers, workspaces: no tracker sees them
 from ..targets import LiveTeachers, ViewBatch
 from ..trainer import Distiller
-from .cluster import HostConstants, fake_cluster
+from .cluster import HostConstants, fake_cluster, rank0_of
 from .memory import CATEGORIES, MemoryTracker
 
 GIB = 2**30
@@ -352,19 +352,12 @@ def _file_state(tracker: MemoryTracker, d: Distiller, source: RehearsedTeachers)
 def _plan(config: str, overrides: Any, world: int) -> dict[str, Any]:
     """`eupe plan`'s memory per GPU (bytes, by term) for the same config, world size, micro-batch and
     parallelism."""
-    from ..plan import load_plan_spec, plan
+    from ..plan import plan, spec_from_config
 
-    env = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world)
-    try:
+    with rank0_of(world):  # the config validates, and its micro-batch divides, as at `world` ranks
         cfg = load_config(config, overrides)
-        spec = load_plan_spec(config, overrides)
-    finally:
-        if env is None:
-            os.environ.pop("WORLD_SIZE")
-        else:
-            os.environ["WORLD_SIZE"] = env
+        micro = micro_batch(cfg)
     fsdp = any(uses_fsdp(cfg, s.name, world) for s in cfg.students.values())
-    micro = cfg.train.global_batch // (cfg.train.accum_steps * world)
+    spec = spec_from_config(cfg, name=os.path.basename(str(config)))
     p = plan(spec, gpus=world, fsdp=fsdp, checkpointing=cfg.train.activation_checkpointing, micro_batch=micro)
     return p["memory"]["variants"][p["memory"]["chosen"]]
