@@ -118,7 +118,8 @@ def memory(
         (t.patch_tokens(max(spec.teachers[k].resolutions)) + 1) * t.embed_dim * 4
         for k, t in zip(spec.teachers, teachers)
     )
-    view = max(r for net in [*nets.values(), *spec.teachers.values()] for r in net.resolutions)
+    side = max(r for net in [*nets.values(), *spec.teachers.values()] for r in net.resolutions)
+    view = 3 * side * side * 4  # one fp32 input view at the largest side any network sees
     block = max(costs[k].max_block_params for k in nets)
     mem = {
         "params": 4.0 * p / n,
@@ -130,10 +131,10 @@ def memory(
         # FSDP: a block gathered in bf16 and the next prefetched, one block's fp32 gradients before
         # their reduce-scatter; DDP: its fp32 gradient buckets
         "comm_buffers": (2 * BF16 + 4) * block if fsdp else 4.0 * p,
-        "other": micro * 3 * view * view * 4 + OUTSIDE_TENSORS,  # fp32 input views + CUDA/NCCL allowance
+        "other": micro * view + OUTSIDE_TENSORS,  # input views + CUDA/NCCL allowance
     }
     mem["total"] = sum(mem.values())
-    per_image = act + teacher_ws + targets + 3 * view * view * 4
+    per_image = act + teacher_ws + targets + view
     mem["per_image"] = per_image
     mem["fixed"] = mem["total"] - micro * per_image
     return mem
