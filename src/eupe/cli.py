@@ -9,10 +9,13 @@ start-up; 3: a diverged training run).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, EupeError
@@ -26,6 +29,25 @@ def _parser(sub: argparse._SubParsersAction, name: str, help: str, examples: str
         epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def _config_args(
+    p: argparse.ArgumentParser, config: str, example: str, *, optional: bool = False, more: str = ""
+) -> None:
+    """The CONFIG file and its `key=value` overrides, as every config-driven command takes them."""
+    p.add_argument("config", nargs="?" if optional else None, help=config)
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}{more}"
+    )
+
+
+def _progress(prefix: str) -> Callable[[str], None]:
+    """A progress callback that prints `prefix: what` on stderr (stdout stays the result)."""
+
+    def say(what: str) -> None:
+        print(f"{prefix}{what}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _write_json(path: str, obj: object) -> None:
@@ -97,12 +119,12 @@ def _cmd_distill(sub: argparse._SubParsersAction) -> None:
         eupe distill configs/paper/stage1_proxy.yaml --rehearse 8 --gpu h200-141gb
     """,
     )
-    p.add_argument("config", nargs="?", help="YAML config (see configs/paper and configs/tiny)")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. train.lr=1e-4; ~key deletes a key",
+    _config_args(
+        p,
+        "YAML config (see configs/paper and configs/tiny)",
+        "train.lr=1e-4",
+        optional=True,
+        more="; ~key deletes a key",
     )
     p.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR")
     r = p.add_argument_group(
@@ -151,11 +173,13 @@ def _rehearse(args: argparse.Namespace) -> int:
     if args.resume or not args.config:
         raise ConfigError("--rehearse WORLD takes a CONFIG file (and overrides), not --resume")
 
-    def progress(what: str) -> None:
-        print(f"rehearse: {what}", file=sys.stderr, flush=True)
-
     result = rehearse(
-        args.config, args.overrides, world=args.rehearse, gpu=args.gpu, steps=args.steps, progress=progress
+        args.config,
+        args.overrides,
+        world=args.rehearse,
+        gpu=args.gpu,
+        steps=args.steps,
+        progress=_progress("rehearse: "),
     )
     print(format_rehearsal(result))
     if args.json:
@@ -164,13 +188,57 @@ def _rehearse(args: argparse.Namespace) -> int:
 
 
 # --- eupe eval ---------------------------------------------------------------------------------
-def _cmd_eval(sub: argparse._SubParsersAction) -> None:
-    from .eval import TASKS  # every task, its help line and example come from the registry
+@dataclass(frozen=True)
+class _EvalHelp:
+    help: str
+    example: str = ""
+    multi_model: bool = False
 
+
+# The built-in evaluations as `eupe eval --help` shows them, kept here so that help never imports
+# torch. tests/test_cli_startup.py checks this table against the registry (eupe.eval.TASKS), the
+# one that runs them; tasks registered in this process by other code are listed after these.
+EVAL_TASKS = {
+    "knn": _EvalHelp(
+        "k-NN top-1 on the cls token (IN1k-KNN); DATA has train/<class>/ and val/<class>/",
+        "protocol=paper k=[10,20] batch_size=128",
+    ),
+    "zeroshot": _EvalHelp(
+        "zero-shot top-1 through a teacher's text tower and the student's adapter head (IN1k-ZS)",
+        "teacher=pe_core text_model=PE-Core-B-16 text_weights=pe_core_b16.bin classnames=names.txt",
+    ),
+    "seg": _EvalHelp(
+        "linear segmentation probe on ADE20k (ADEChallengeData2016 layout), mIoU",
+        "iterations=2000 batch_size=8",
+    ),
+    "depth": _EvalHelp(
+        "linear depth probe on NYUv2 (BTS lists nyu_train.txt/nyu_test.txt), RMSE in metres",
+        "iterations=2000",
+    ),
+    "spair": _EvalHelp(
+        "training-free keypoint correspondence on SPair-71k, PCK@0.1", "pairs_per_category=20"
+    ),
+    "pca": _EvalHelp(
+        "PCA pictures of patch tokens: a grid of images x models (pca.png)", "joint=true max_images=4", True
+    ),
+}
+
+
+def _eval_tasks() -> dict[str, _EvalHelp]:
+    """EVAL_TASKS, plus any task registered in this process (only if the registry is loaded already)."""
+    registry = sys.modules.get("eupe.eval.registry")
+    extra = {} if registry is None else registry.TASKS
+    return EVAL_TASKS | {
+        n: _EvalHelp(t.help, t.example, t.multi_model) for n, t in extra.items() if n not in EVAL_TASKS
+    }
+
+
+def _cmd_eval(sub: argparse._SubParsersAction) -> None:
+    tasks_help = _eval_tasks()
     p = _parser(
         sub,
         "eval",
-        f"evaluate frozen encoders: {', '.join(TASKS)}, or a whole suite",
+        f"evaluate frozen encoders: {', '.join(tasks_help)}, or a whole suite",
         """
         eupe eval knn --model runs/s3/final --data /data/imagenet --output-dir out/knn protocol=paper
         eupe eval seg --model eupe_vitb16 --weights eupe_vitb16.pth --data /data/ADEChallengeData2016
@@ -180,8 +248,8 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
     """,
     )
     tasks = p.add_subparsers(dest="eval_task", metavar="TASK")
-    multi = [name for name, spec in TASKS.items() if spec.multi_model]
-    for task, spec in TASKS.items():
+    multi = [name for name, spec in tasks_help.items() if spec.multi_model]
+    for task, spec in tasks_help.items():
         t = _parser(
             tasks,
             task,
@@ -208,8 +276,7 @@ def _cmd_eval(sub: argparse._SubParsersAction) -> None:
         "run evaluations over models; write table.md and radar.png",
         "eupe eval suite configs/eval/paper_vitb16.yaml paths.imagenet=/data/in1k weights.eupe=eupe_vitb16.pth",
     )
-    s.add_argument("config", help="suite YAML (see configs/eval/)")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. output_dir=out")
+    _config_args(s, "suite YAML (see configs/eval/)", "output_dir=out")
     s.set_defaults(run=_run_eval_suite)
     p.set_defaults(run=lambda args: p.print_help() or 0)
 
@@ -260,10 +327,7 @@ def _cmd_plan(sub: argparse._SubParsersAction) -> None:
         eupe plan configs/tiny/stage2.yaml student.overrides.depth=1 --gpus 1 --arch proxy=eupe_vitt16
     """,
     )
-    p.add_argument("config", help="distill YAML config (configs/paper/...)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=1000"
-    )
+    _config_args(p, "distill YAML config (configs/paper/...)", "train.max_steps=1000")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel world size)")
     p.add_argument(
         "--gpu", default="h100", choices=["h100", "h200", "a100", "a100-40gb"], help="GPU type (default h100)"
@@ -311,9 +375,6 @@ def _run_plan(args: argparse.Namespace) -> int:
         arch[name] = zoo
     spec = load_plan_spec(args.config, args.overrides, arch=arch)
 
-    def progress(what: str) -> None:  # sizing a 2B model on meta takes seconds; say what is going on
-        print(f"sizing {what} on the meta device", file=sys.stderr, flush=True)
-
     result = plan(
         spec,
         gpus=args.gpus,
@@ -323,7 +384,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         checkpointing=args.activation_checkpointing,
         micro_batch=args.micro_batch,
         dataset_size=args.dataset_size,
-        progress=progress,
+        progress=_progress("sizing on the meta device: "),  # a 2B model takes seconds
     )
     print(format_plan(result))
     if args.json:
@@ -523,10 +584,7 @@ def _cmd_data_check(sub: argparse._SubParsersAction) -> None:
         eupe data-check my_stage2.yaml 'data.sources=[{name: imgs, type: folder, path: /data/imgs}]' --limit 1000
     """,
     )
-    p.add_argument("config", help="distill YAML config; its data.* block is checked")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=4"
-    )
+    _config_args(p, "distill YAML config; its data.* block is checked", "data.num_workers=4")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
     p.add_argument("--limit", type=int, help="check only the first N items of each source")
     p.add_argument("--json", metavar="PATH", help="write the full report (every source, bad files) as JSON")
@@ -548,7 +606,7 @@ def _run_data_check(args: argparse.Namespace) -> int:
     for entry in report["bad_files"][:10]:
         print(f"  bad: {entry['reason']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        _write_json(args.json, report)
         print(f"report: {args.json}")
     if args.preview:
         print(f"preview: {save_preview(cfg.data, args.preview, seed=cfg.seed)}")
@@ -639,12 +697,10 @@ def _cmd_cache_teacher(sub: argparse._SubParsersAction) -> None:
         eupe cache-teacher my_stage2.yaml cache.dir=/data/cache cache.views=8 cache.dtype=fp8 data.num_workers=8
     """,
     )
-    p.add_argument("config", help="distill YAML config (fixed stage); its teachers and data are used")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="cache.dir=DIR (required), cache.views=K, cache.dtype=bf16|fp8|fp32, cache.shard_views, "
+    _config_args(
+        p,
+        "distill YAML config (fixed stage); its teachers and data are used",
+        "cache.dir=DIR (required), cache.views=K, cache.dtype=bf16|fp8|fp32, cache.shard_views, "
         "cache.batch, cache.finish_timeout_s, and any config override",
     )
     p.set_defaults(run=_run_cache_teacher)
@@ -691,8 +747,7 @@ def _cmd_vlm(sub: argparse._SubParsersAction) -> None:
         description="Train LLaVA-1.5 with an eupe encoder (frozen) on LLaVA-format JSON conversations. "
         "Rerun the same command to resume a killed run.",
     )
-    t.add_argument("config", help="YAML config (configs/vlm/)")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage_a.lr=2e-3")
+    _config_args(t, "YAML config (configs/vlm/)", "stage_a.lr=2e-3")
     t.set_defaults(run=_run_vlm_train)
     e = tools.add_parser(
         "eval",
@@ -765,6 +820,29 @@ def _run_vlm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# the extra that installs what a command needs beyond the core (`eupe cost` runs ONNX/ExecuTorch too)
+COMMAND_EXTRAS = {"demo": "demo", "eval": "eval", "export": "export", "cost": "export", "vlm": "vlm"}
+_IMPORT_NAMES = {"open-clip-torch": "open_clip"}  # distributions whose import name is not their own
+
+
+def missing_package(module: str, command: str) -> str:
+    """What to install when `module` cannot be imported by `eupe command`: the extra that lists it
+    (the command's own first), from eupe's installed requirements; else the command's extra."""
+    top = module.partition(".")[0]
+    extras = []
+    for text in importlib.metadata.requires("eupe") or []:
+        dist, _, marker = text.partition(";")
+        dist = re.split(r"[<>=!~\[ ]", dist.strip(), maxsplit=1)[0].lower().replace("_", "-")
+        found = re.search(r'extra == "(\w+)"', marker)
+        if found and found[1] != "all" and _IMPORT_NAMES.get(dist, dist.replace("-", "_")) == top:
+            extras.append(found[1])
+    own = COMMAND_EXTRAS.get(command)
+    extra = own if own in extras or not extras else extras[0]
+    if extra is None:
+        return f"the package '{top}' is not installed (pip install {top})"
+    return f"the package '{top}' is not installed; `eupe {command}` needs the {extra} extra: pip install 'eupe[{extra}]'"
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _cmd_models,
     _cmd_distill,
@@ -806,6 +884,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EupeError as e:
         print(f"eupe {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except ModuleNotFoundError as e:  # an optional package: one line naming what to install
+        if not e.name or e.name.partition(".")[0] == "eupe":
+            raise  # our own module missing is a bug, not an install to do
+        print(f"eupe {args.command}: error: {missing_package(e.name, args.command)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"eupe {args.command}: interrupted", file=sys.stderr)
         return 130
