@@ -80,7 +80,7 @@ def test_final_reduction_runs_on_the_run_device(tmp_path, monkeypatch):
         return TeacherNorm({n: (t.cls_dim, t.patch_dim) for n, t in teachers.items()}).to(device)
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(cache_build, "pick_device", lambda name: torch.device("meta"))
+    monkeypatch.setattr(cache_build, "pick_device", lambda name, **_: torch.device("meta"))
     monkeypatch.setattr(cache_build, "_measure_norm", measure_norm)
     # the fake backend cannot make a gloo group: the real one is the test above
     monkeypatch.setattr(

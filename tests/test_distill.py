@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eupe.distill.checkpoint import join_state, split_state, truncate_metrics, write_atomic_dir
+from eupe.distill.checkpoint import join_state, split_state, truncate_metrics
 from eupe.distill.config import load_config
 from eupe.distill.loss import LossWeights, cosine_loss, match_grids, teacher_loss, total_loss
 from eupe.distill.optim import CosineSchedule, param_groups
 from eupe.distill.stages import ScaleSampler, student_dim, student_overrides
 from eupe.errors import ConfigError
+from eupe.files import write_atomic_dir
 from eupe.models import STUDENTS, EncoderOutput, count_params, create_model
 from eupe.models.heads import TeacherHeads
 from eupe.models.teacher_norm import TeacherNorm

@@ -16,3 +16,14 @@ class CheckpointError(EupeError, ValueError):
 
 class ConfigError(EupeError, ValueError):
     """A configuration value is missing, of the wrong type, or inconsistent."""
+
+
+class TrainingDiverged(EupeError):
+    """The loss or the gradients became NaN/inf (distillation or VLM training); every rank stopped
+    before its next checkpoint, so the last complete one is intact and a rerun resumes from it.
+
+    Its own exit code (3), so a job script can tell a diverged run from bad input and retry with a
+    lower learning rate instead of fixing the config.
+    """
+
+    exit_code = 3

@@ -84,22 +84,28 @@ def rehearsal(device_type: str) -> Iterator[None]:
         _REHEARSAL = previous
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """The device of this process; a CUDA device is made current here, before any CUDA work.
+def pick_device(
+    name: str | torch.device = "auto", *, setting: str = "device", tf32: bool = False
+) -> torch.device:
+    """The device of this process (training, caching, evaluation, VLM benchmarks); a CUDA device
+    is made current here, before any CUDA work.
 
     "auto" is `cuda:<LOCAL_RANK>` when CUDA is available, else the CPU. A bare "cuda" also takes
-    the local rank's GPU; "cuda:N" is taken as given.
+    the local rank's GPU; "cuda:N" is taken as given. `setting` is the option errors name (e.g.
+    "train.device"). `tf32=True` lets float32 matmuls run on tensor cores (TF32): training wants
+    the speed for its fp32 leftovers (teachers, losses); evaluation keeps PyTorch's full-precision
+    matmuls, so its numbers do not change with the GPU generation.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{setting}={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu")
+        raise ConfigError(f"{setting}={name!r} but CUDA is not available here; use {setting}=cpu")
     if device.index is None:
         index, count = local_rank(), torch.cuda.device_count()
         if index >= count:
@@ -109,8 +115,9 @@ def pick_device(name: str = "auto") -> torch.device:
             )
         device = torch.device("cuda", index)
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (teachers, losses) on tensor cores
-    torch.backends.cudnn.allow_tf32 = True
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
 
 

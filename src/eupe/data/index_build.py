@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..files import atomic_write
 from .config import SourceSpec
 from .index import ENTRY, FILE_TYPES, VERSION, Index, is_image
 
@@ -156,16 +157,8 @@ def _digest(plan: list[dict[str, Any]]) -> str:
 
 
 # -- building on disk ------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
 def write_tables(
@@ -178,7 +171,7 @@ def write_tables(
     """Everything of an index folder but entries.npy (which the caller has written): the shard
     table, and index.json last, which makes the index whole. Returns index.json's content."""
     lines = "".join(p + "\n" for p in shard_paths).encode("utf-8")
-    _atomic_write(out / "shards.txt", lines)
+    atomic_write(out / "shards.txt", lines)
     lengths = [len(p.encode("utf-8")) + 1 for p in shard_paths]
     _save_array(out / "shard_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.uint64))
     sizes = [os.path.getsize(p if os.path.isabs(p) else out / p) for p in shard_paths]
@@ -194,7 +187,7 @@ def write_tables(
         "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "plan_digest": _digest(plan),  # the scanned units (not stored: O(shards) would grow index.json)
     }
-    _atomic_write(out / "index.json", json.dumps(meta, indent=1).encode())
+    atomic_write(out / "index.json", json.dumps(meta, indent=1).encode())
     return meta
 
 
@@ -230,14 +223,14 @@ def build_index(
         shutil.rmtree(parts)  # an interrupted build of other sources
     for sub in (parts, out / "names"):
         sub.mkdir(parents=True, exist_ok=True)
-    _atomic_write(parts / "plan.json", plan_text.encode())
+    atomic_write(parts / "plan.json", plan_text.encode())
     tasks = _tasks(plan)
     todo = [t for t in tasks if not (parts / f"{t[0]}.npy").exists()]
     for shard, entries, blob, warning in _run(todo, workers, progress, f"index {out.name}"):
         if blob is not None:
-            _atomic_write(out / "names" / f"{shard}.txt", blob)
+            atomic_write(out / "names" / f"{shard}.txt", blob)
         if warning:
-            _atomic_write(parts / f"{shard}.warn", warning.encode())
+            atomic_write(parts / f"{shard}.warn", warning.encode())
         _save_array(parts / f"{shard}.npy", entries)  # last: marks the unit done
     shard_paths, counts, notes = [], [], []
     for shard, kind, _root, unit in tasks:
@@ -245,15 +238,16 @@ def build_index(
         counts.append(len(np.load(parts / f"{shard}.npy", mmap_mode="r")))
         if (parts / f"{shard}.warn").exists():
             notes.append((parts / f"{shard}.warn").read_text())
-    total = int(sum(counts))
-    entries = np.lib.format.open_memmap(out / "entries.tmp.npy", mode="w+", dtype=ENTRY, shape=(total,))
-    at = 0
-    for (shard, *_), n in zip(tasks, counts):
-        entries[at : at + n] = np.load(parts / f"{shard}.npy")
-        at += n
-    entries.flush()
-    del entries
-    os.replace(out / "entries.tmp.npy", out / "entries.npy")
+
+    def concatenate(path: Path) -> None:  # unit by unit: the whole table never sits in memory
+        entries = np.lib.format.open_memmap(path, mode="w+", dtype=ENTRY, shape=(int(sum(counts)),))
+        at = 0
+        for (shard, *_), n in zip(tasks, counts):
+            entries[at : at + n] = np.load(parts / f"{shard}.npy")
+            at += n
+        entries.flush()
+
+    atomic_write(out / "entries.npy", concatenate)
     meta = write_tables(out, plan, counts, shard_paths, notes)
     shutil.rmtree(parts)
     return meta | {"seconds": time.perf_counter() - start}

@@ -1,9 +1,11 @@
 """Losses, stage recipes, where targets come from, and the trainer.
 
-`TeacherHeads` and `TeacherNorm` live in `eupe.models` (they are saved with a model); the names
-below stay importable from here for one release.
+`TeacherHeads` and `TeacherNorm` live in `eupe.models` (they are saved with a model), and
+`TrainingDiverged` in `eupe.errors` (VLM training raises it too); the names below stay importable
+from here for one release.
 """
 
+from ..errors import TrainingDiverged
 from ..models.heads import HEADS_FILE, AdapterHead, TeacherHeads
 from ..models.teacher_norm import NORM_FILE, TeacherNorm
 
@@ -24,7 +26,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # The trainer pulls in teachers and data; import it only when asked for.
-    if name in ("distill", "resume", "Distiller", "TrainingDiverged"):
+    if name in ("distill", "resume", "Distiller"):
         from . import trainer
 
         return getattr(trainer, name)

@@ -87,23 +87,9 @@ class TeacherCache:
     def teachers(self) -> dict[str, dict[str, Any]]:
         return self.meta["teachers"]
 
-    def loader(
-        self,
-        data: DataConfig,
-        batch_size: int,
-        view_size: int,
-        seed: int,
-        rank: int,
-        world: int,
-        device: torch.device | str | None = None,
-    ) -> CacheLoader:
-        if view_size != int(self.meta["view_size"]):
-            raise ConfigError(
-                f"data.teacher_cache: cached views are {self.meta['view_size']} px but this run needs "
-                f"{view_size} px views (the largest student/teacher side); rebuild the cache with the "
-                "run's config"
-            )
-        return CacheLoader(self, data, batch_size, view_size, seed, rank, world, device)
+    def loader(self, data: DataConfig, *args: Any, **kwargs: Any) -> CacheLoader:
+        """A `CacheLoader` over this cache (its arguments after the cache)."""
+        return CacheLoader(self, data, *args, **kwargs)
 
 
 class _CachedViews(Dataset):
@@ -167,6 +153,12 @@ class CacheLoader:
         world: int,
         device: torch.device | str | None = None,
     ):
+        if view_size != int(cache.meta["view_size"]):
+            raise ConfigError(
+                f"data.teacher_cache: cached views are {cache.meta['view_size']} px but this run needs "
+                f"{view_size} px views (the largest student/teacher side); rebuild the cache with the "
+                "run's config"
+            )
         self.cache, self.data, self.batch, self.seed = cache, data, batch_size, seed
         self.rank, self.world = rank, world
         self.device, self.device_augment = delivery(data, device)

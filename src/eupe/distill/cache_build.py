@@ -139,7 +139,7 @@ def build_cache(cfg: DistillConfig, cc: CacheConfig) -> dict[str, Any]:
     out = Path(cc.dir)
     if (out / CACHE_FILE).exists():
         raise ConfigError(f"cache.dir={cc.dir!r} already holds a cache; choose another folder")
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, setting="train.device", tf32=True)
     rank, world = init_distributed(device, cfg.train.dist_timeout_s)
     timeout = timedelta(seconds=cc.finish_timeout_s)  # new_group is collective: every rank, here
     finish = torch.distributed.new_group(backend="gloo", timeout=timeout) if world > 1 else None

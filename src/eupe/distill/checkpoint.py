@@ -7,7 +7,7 @@ background write of an asynchronous save), rank 0 writes `COMPLETE`: only a fold
 a checkpoint. A run killed mid-write leaves a folder without it, which resume ignores and the
 next save of that step replaces. Optimizer state is split into its tensors (safetensors) and the
 rest (JSON); RNG states of python, numpy and torch go the same way. `final/` and other
-single-writer folders use `write_atomic_dir` (a temporary folder renamed into place).
+single-writer folders use `eupe.files.write_atomic_dir` (a temporary folder renamed into place).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,48 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..files import atomic_write, fsync_dir
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-# -- atomic folders ---------------------------------------------------------------------------
-def write_atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Call `fill(tmp)` on a fresh temporary folder beside `target`, then rename it to `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".tmp-{target.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-write
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        fill(tmp)
-        _fsync_dir(tmp)
-        if target.exists():  # e.g. final/ of an earlier attempt; replace it whole
-            old = target.with_name(f".old-{target.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 COMPLETE = "COMPLETE"
@@ -114,7 +74,7 @@ def commit(path: Path) -> None:
         f.write("ok\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -247,6 +207,4 @@ def truncate_metrics(path: str | Path, step: int) -> None:
             continue  # a line torn by a kill
         if int(row.get("step", -1)) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in kept))

@@ -47,7 +47,9 @@ class TargetSource:
         device=None,
         accum=1,
     ) -> Any:
-        raise NotImplementedError
+        """The batches this source gives targets for, as this rank reads them: by default the run's
+        data through `build_loader` (the views are all a live teacher needs)."""
+        return build_loader(data, batch_size, view_size, seed, rank, world, device, accum)
 
     def prepare(self, next_batch: Callable[[], Any], batches: int, progress: bool) -> None:
         """Measure TeacherNorm over `batches` batches if it is not fixed yet (only live teachers)."""
@@ -90,19 +92,6 @@ class LiveTeachers(TargetSource):
         self.dims = {n: (t.cls_dim, t.patch_dim) for n, t in self.teachers.items()}
         self.sides = {n: int(t.resolution) for n, t in self.teachers.items()}
         self.norm = TeacherNorm(self.dims).to(device)
-
-    def loader(
-        self,
-        data: Any,
-        batch_size: int,
-        view_size: int,
-        seed: int,
-        rank: int,
-        world: int,
-        device=None,
-        accum=1,
-    ) -> Any:
-        return build_loader(data, batch_size, view_size, seed, rank, world, device, accum)
 
     def prepare(self, next_batch: Callable[[], Any], batches: int, progress: bool) -> None:
         if bool(self.norm.frozen):  # measured before (a resumed run keeps its statistics)
@@ -249,24 +238,15 @@ class PrecomputedTargets(TargetSource):
             norm,
         )
 
-    def loader(
-        self,
-        data: Any,
-        batch_size: int,
-        view_size: int,
-        seed: int,
-        rank: int,
-        world: int,
-        device=None,
-        accum=1,
-    ) -> Any:
+    def loader(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        """`TargetSource.loader`, for the one set of views the targets were computed for."""
         sources = [(src.type, src.name) for src in data.sources]
         if len(sources) != 1 or sources[0][0] != "views":
             raise ConfigError(
                 f"precomputed targets belong to one fixed set of views; data.sources must be that one "
                 f"`views` source, got {sources}"
             )
-        loader = build_loader(data, batch_size, view_size, seed, rank, world, device, accum)
+        loader = super().loader(data, *args, **kwargs)
         if len(loader.sources[0]) != len(self.views):
             raise ConfigError(
                 f"data.sources[0] holds {len(loader.sources[0])} views; the targets were computed for {len(self.views)}"

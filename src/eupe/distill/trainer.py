@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import CheckpointError, ConfigError, EupeError
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from ..files import write_atomic_dir
 from ..models.heads import TeacherHeads
 from ..models.preprocess import Normalize
 from ..models.teacher_norm import TeacherNorm
@@ -64,12 +65,6 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 
 
-class TrainingDiverged(EupeError):
-    """The loss or the gradients became NaN/inf; every rank stopped before touching its checkpoints."""
-
-    exit_code = 3
-
-
 class Distiller:
     """One distillation run writing to `cfg.output_dir` (fresh, or resumed from its checkpoints).
 
@@ -80,7 +75,8 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, *, resume: bool = False, source: TargetSource | None = None):
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         check_paths(cfg)
-        self.device = pick_device(cfg.train.device)  # cuda:<LOCAL_RANK>, current before any CUDA work
+        # cuda:<LOCAL_RANK>, current before any CUDA work
+        self.device = pick_device(cfg.train.device, setting="train.device", tf32=True)
         self.rank, self.world = init_distributed(self.device, cfg.train.dist_timeout_s)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -451,14 +447,14 @@ class Distiller:
 
         if len(self.students) == 1:
             ((name, s),) = self.students.items()
-            return ckpt.write_atomic_dir(target, lambda tmp: fill_one(tmp, name, s))
+            return write_atomic_dir(target, lambda tmp: fill_one(tmp, name, s))
 
         def fill(tmp: Path) -> None:
             for name, s in self.students.items():
                 (tmp / name).mkdir()
                 fill_one(tmp / name, name, s)
 
-        return ckpt.write_atomic_dir(target, fill)
+        return write_atomic_dir(target, fill)
 
     # -- logging -------------------------------------------------------------------------------
     def _log(self, logged: dict[str, float], lrs: dict[str, float]) -> dict:

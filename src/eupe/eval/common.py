@@ -1,4 +1,4 @@
-"""What every evaluation shares: typed settings with `key=value` overrides, results.json, devices.
+"""What every evaluation shares: typed settings with `key=value` overrides, and results.json.
 
 Each benchmark has a settings dataclass; `resolve_settings` merges user overrides into it through
 OmegaConf, so a typo or a wrong type fails with one line naming the key and the valid choices.
@@ -8,7 +8,6 @@ Every evaluation returns an `EvalResult` and writes it as `results.json`.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
+from ..files import atomic_write
+from ..runtime import seed_everything as seed_everything  # re-exported: the probes seed from here
 
 S = TypeVar("S")
 RESULTS_FILE = "results.json"
@@ -46,11 +47,9 @@ class EvalResult:
     def write(self, output_dir: str | Path) -> Path:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / RESULTS_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write(
+            out / RESULTS_FILE, json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n"
+        )
 
 
 def _json_default(obj: Any) -> Any:
@@ -122,19 +121,6 @@ def settings_dict(settings: Any) -> dict[str, Any]:
     if isinstance(settings, dict):
         return dict(settings)
     return asdict(settings)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def snap(size: float, stride: int) -> int:

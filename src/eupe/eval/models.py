@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import ZOO, Encoder, EncoderOutput, create_model
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .common import pick_device
+from ..runtime import pick_device
 
 
 @dataclass
@@ -136,7 +136,7 @@ def load_model(
     model: a `final/` or `save_pretrained` folder; a zoo name (+ weights: an official `.pth` or our
     file); a timm model name (+ weights); or an `Encoder`/`EvalModel` object.
     """
-    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dev = pick_device(device)
     if isinstance(model, EvalModel):
         return model
     if isinstance(model, Encoder):

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..eval.common import EvalResult
+from ..files import atomic_write
 from ..runtime import init_distributed, pick_device
 from .bench_data import GQA_IMAGES
 from .model import load_llava, square
@@ -330,9 +331,7 @@ def run_vlm_eval(
         samples = results.get("samples", {}).get(task, [])
         text = "".join(json.dumps(s, default=handle_non_serializable) + "\n" for s in samples)
         (out / "samples" / f"{task}.jsonl").write_text(text)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, default=handle_non_serializable) + "\n")
-    tmp.replace(out / "results.json")
+    atomic_write(out / "results.json", json.dumps(payload, indent=1, default=handle_non_serializable) + "\n")
     return payload
 
 

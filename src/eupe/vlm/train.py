@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,8 @@ from omegaconf.errors import OmegaConfBaseException
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..distill.trainer import TrainingDiverged
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
+from ..files import atomic_write, replace_dir
 from ..runtime import rank
 from .data import REASONS, Collate, ConversationData, read_records
 from .model import TOWER, build_llava, load_llava
@@ -239,9 +238,7 @@ def _truncate_metrics(metrics: Path, stage: str, step: int) -> None:
         row = json.loads(line)
         if not (row.get("stage") == stage and row.get("step", 0) > step):
             keep.append(line)
-    tmp = metrics.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep))
-    tmp.replace(metrics)
+    atomic_write(metrics, "".join(k + "\n" for k in keep))
 
 
 def _is_main() -> bool:
@@ -261,9 +258,7 @@ def _write_config(cfg: VlmConfig, out: Path) -> None:
             f"{out} holds a run with a different config.yaml; resume with the same settings or use a new output_dir"
         )
     if _is_main() and not path.is_file():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(path, text)
 
 
 def _prepare_toy_data(out: Path) -> None:
@@ -385,9 +380,7 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
     trainer.save_model(str(tmp))  # every rank takes part (FSDP/DeepSpeed gather the weights)
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
+        replace_dir(tmp, final)
     _barrier()
     skipped = dict(zip(REASONS, trainer._skips().counts))
     return {"steps": result.global_step, "train_loss": result.training_loss, "skipped": skipped}
