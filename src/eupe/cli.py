@@ -873,6 +873,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an error left open, so that its message is a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -882,11 +889,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except EupeError as e:
+        _close_progress_bars()
         print(f"eupe {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except ModuleNotFoundError as e:  # an optional package: one line naming what to install
         if not e.name or e.name.partition(".")[0] == "eupe":
             raise  # our own module missing is a bug, not an install to do
+        _close_progress_bars()
         print(f"eupe {args.command}: error: {missing_package(e.name, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -57,8 +57,13 @@ def failing_op(error: BaseException) -> str | None:
     return match.group(0) if match else None
 
 
-def export_failure(fmt: str, arch: str, error: BaseException, hint: str = "") -> EupeError:
-    """An exporter's exception as one EupeError line that names the operator when it can."""
+def export_failure(fmt: str, arch: str, error: BaseException, hint: str = "") -> BaseException:
+    """An exporter's exception as one EupeError line that names the operator when it can.
+
+    A missing optional package (onnxscript, executorch, ...) is returned as it is: it is not the
+    model's fault, and the CLI turns it into the line that names the extra to install."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return error
     op = failing_op(error)
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     what = f"operator {op} is not supported" if op else f"{type(error).__name__}: {first}"

@@ -55,7 +55,7 @@ def _require_transformers():
         import transformers
     except ImportError:
         raise CheckpointError(
-            "the transformers format needs `transformers`: pip install 'eupe[vlm]'"
+            "the transformers format needs `transformers`: pip install 'eupe[export]' (or eupe[vlm])"
         ) from None
     return transformers
 
