@@ -11,7 +11,9 @@ Training view at native size: NYU border crop, rotation U(-2.5, 2.5) deg (p 0.5)
 416x544 crop, colour jitter (p 0.5: gamma, brightness U(0.75, 1.25), per-channel colour). Test: the
 full 480x640 image and its mirror (flip TTA, predictions averaged), metrics per image on the Eigen
 crop over pixels with depth in (0.001, 10) m, then averaged: RMSE (metres), abs_rel, delta<1.25.
-Differences kept from the release are listed in docs/fidelity.md.
+The release's backbone stays in train mode for the whole run (`backbone_mode=release`): its first
+validation, the only thing that would switch it to eval, comes at step 100000. The default
+`backbone_mode=eval` and every other difference are in docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -27,26 +29,31 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from .common import EvalResult, resolve_settings, seed_everything, settings_dict
+from .common import EvalResult
 from .datasets import NYUDepth
 from .features import (
     ProbeSchedule,
     WarmupOneCycle,
+    check_backbone_mode,
+    finish_probe,
     maybe_flip,
     patch_features,
     random_crop,
+    release_share,
     resize_image,
     resize_nearest,
     short_side_size,
+    start_probe,
     to_tensor01,
     train_probe,
 )
-from .models import EvalModel, load_model
+from .models import EvalModel
 from .registry import register_task
 
 EIGEN_CROP_480x640 = (45, 471, 41, 601)  # top, bottom, left, right: the test-time evaluation crop
 NYU_CROP_480x640 = (45, 472, 43, 608)  # top, bottom, left, right: the release's training border crop
 RELEASE_WARMUP_SHARE = 12800 / 38400  # warmup_iters=-1 keeps this share of any run
+RELEASE_EVAL_INTERVAL = 100000  # config-nyu.yaml's eval_interval: the backbone trains until then
 
 
 @dataclass
@@ -73,10 +80,14 @@ class DepthSettings:
     cache_refresh: int = 0  # with cache_views: new augmentations every this many iterations (0 = never)
     num_workers: int = 4  # data-loading processes for the probe's training views
     max_val_images: int = 0
+    backbone_mode: str = "eval"  # eval: always; release: train mode for the run, as the release
     train_list: str = "nyu_train.txt"
     test_list: str = "nyu_test.txt"
     seed: int = 0
     device: str = "auto"
+
+    def check(self) -> None:
+        check_backbone_mode(self.backbone_mode)
 
 
 class LinearDepthHead(nn.Module):
@@ -178,11 +189,8 @@ def depth(
     **overrides: Any,
 ) -> EvalResult:
     """Train a linear depth probe on the NYU train list; RMSE on the test list (Eigen crop)."""
-    s = resolve_settings(DepthSettings, overrides)
-    m = load_model(model, weights, s.device)
-    seed_everything(s.seed)
+    s, m, dim = start_probe(DepthSettings, model, weights, overrides)
     train, test = NYUDepth(data, s.train_list), NYUDepth(data, s.test_list)
-    dim = patch_features(m, torch.zeros(1, 3, m.stride, m.stride)).shape[1]
     head = LinearDepthHead(dim, s.num_bins, s.min_depth, s.max_depth)
 
     def view(i: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +213,9 @@ def depth(
         steps += 1
         return sig_loss(pred, gt, with_variance=steps > s.sigloss_warmup)
 
-    warmup = round(s.iterations * RELEASE_WARMUP_SHARE) if s.warmup_iters < 0 else s.warmup_iters
-    sched = ProbeSchedule.from_settings(s, WarmupOneCycle(s.lr, s.iterations, warmup, momentum=(0.85, 0.95)))
+    warmup = release_share(s.warmup_iters, s.iterations, RELEASE_WARMUP_SHARE)
+    schedule = WarmupOneCycle(s.lr, s.iterations, warmup, momentum=(0.85, 0.95))
+    sched = ProbeSchedule.from_settings(s, schedule, min(s.iterations, RELEASE_EVAL_INTERVAL))
     timing = train_probe(m, head, view, len(train), loss, sched, "depth probe")
     n = len(test) if s.max_val_images <= 0 else min(len(test), s.max_val_images)
     rows = []
@@ -225,25 +234,15 @@ def depth(
     if not rows:
         raise ConfigError(f"{data}: no test image has valid depth in ({s.min_depth}, {s.max_depth}) m")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    result = EvalResult(
-        task="depth",
-        metric="rmse",
-        value=mean["rmse"],
-        model=m.name,
-        dataset=str(data),
-        settings=settings_dict(s),
-        extra={
-            "abs_rel": mean["abs_rel"],
-            "delta1": mean["delta1"],
-            "num_train": len(train),
-            "num_test": len(rows),
-            **timing,
-            "model_info": m.describe(),
-        },
-    )
-    if output_dir is not None:
-        result.write(output_dir)
-    return result
+    extra = {
+        "abs_rel": mean["abs_rel"],
+        "delta1": mean["delta1"],
+        "backbone_mode": s.backbone_mode,
+        "num_train": len(train),
+        "num_test": len(rows),
+        **timing,
+    }
+    return finish_probe("depth", "rmse", mean["rmse"], m, data, s, extra, output_dir)
 
 
 @torch.inference_mode()

@@ -10,15 +10,22 @@ steps of one pass over the cache: "a new cache per epoch").
 
 The optimizer is AdamW under `WarmupOneCycle`, the learning-rate (and optionally Adam beta1) curve of
 the released EUPE/DINOv3 probe configs, written as a pure function of the step.
+
+`backbone_mode=release` reproduces what Meta's probe loops do to the frozen backbone: they leave it
+in train mode (`ModelWithIntermediateLayers` calls `feature_model.train()`) until their first
+validation switches the whole model to eval, so a DINOv3-style ViT trains the head on features with
+its RoPE coordinate rescale on. `ProbeSchedule.backbone_train_steps` says for how many iterations;
+those always run the backbone live, on fresh views, whatever the cache settings.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,10 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .models import EvalModel
+from ..errors import ConfigError
+from ..models.rope import rope_augment
+from .common import EvalResult, resolve_settings, seed_everything, settings_dict
+from .models import EvalModel, load_model
 
 # one augmented training view: (image [3,S,S] float in [0,1], target [S,S])
 ViewFn = Callable[[int, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
+S = TypeVar("S")
+BACKBONE_MODES = ("eval", "release")
+# Meta's hub ViTs: `pos_embed_rope_rescale_coords=2`, no shift or jitter (eupe/hub/backbones.py)
+RELEASE_ROPE_RESCALE = 2.0
 
 
 @dataclass(frozen=True)
@@ -85,17 +99,73 @@ class ProbeSchedule:
     seed: int = 0
     num_workers: int = 0
     cache_refresh: int = 0  # rebuild the cache with fresh augmentations every this many steps (0: never)
+    backbone_train_steps: int = 0  # the first this many steps run the backbone in train mode, live
 
     @classmethod
-    def from_settings(cls, s: Any, schedule: WarmupOneCycle) -> ProbeSchedule:
+    def from_settings(cls, s: Any, schedule: WarmupOneCycle, backbone_train_steps: int = 0) -> ProbeSchedule:
         """The schedule of a probe task's settings (seg and depth share these field names)."""
         names = ("iterations", "batch_size", "weight_decay", "betas", "grad_clip", "cache_views", "seed")
         return cls(
             schedule=schedule,
             num_workers=s.num_workers,
             cache_refresh=s.cache_refresh,
+            backbone_train_steps=backbone_train_steps if s.backbone_mode == "release" else 0,
             **{n: getattr(s, n) for n in names},
         )
+
+
+def release_share(value: int, iterations: int, share: float) -> int:
+    """A step count setting: `value`, or with -1 the release's `share` of a run of `iterations`
+    (so short runs keep the release's proportions)."""
+    return round(iterations * share) if value < 0 else value
+
+
+def check_backbone_mode(mode: str) -> None:
+    if mode not in BACKBONE_MODES:
+        raise ConfigError(f"backbone_mode={mode!r}: choose from {', '.join(BACKBONE_MODES)}")
+
+
+@contextmanager
+def backbone_train_mode(model: EvalModel) -> Iterator[None]:
+    """The frozen backbone in train mode as Meta's probes run it; eval mode again on exit.
+
+    Gradients stay off (`EvalModel.encode`). For DINOv3-style ViTs that means Meta's RoPE coordinate
+    rescale, log-uniform in [1/2, 2] and drawn per block as Meta's ViT draws it, whatever the
+    model's own settings: the release probes Meta's hub models, which all carry it. Dropout or
+    drop-path, where a model has them, are on too, as in the release.
+    """
+    with rope_augment(model.module, rescale=RELEASE_ROPE_RESCALE):
+        model.module.train()
+        try:
+            yield
+        finally:
+            model.module.eval()
+
+
+def start_probe(cls: type[S], model: Any, weights: str | None, overrides: dict) -> tuple[S, EvalModel, int]:
+    """A probe task's settings, its frozen model and the model's patch-feature width; seeded."""
+    s: Any = resolve_settings(cls, overrides)
+    m = load_model(model, weights, s.device)
+    seed_everything(s.seed)
+    return s, m, patch_features(m, torch.zeros(1, 3, m.stride, m.stride)).shape[1]
+
+
+def finish_probe(
+    task: str, metric: str, value: float, m: EvalModel, data: Any, s: Any, extra: dict, output_dir: Any
+) -> EvalResult:
+    """The probe's `EvalResult` (settings, the model's description), written to `output_dir` if given."""
+    result = EvalResult(
+        task=task,
+        metric=metric,
+        value=value,
+        model=m.name,
+        dataset=str(data),
+        settings=settings_dict(s),
+        extra={**extra, "model_info": m.describe()},
+    )
+    if output_dir is not None:
+        result.write(output_dir)
+    return result
 
 
 def patch_features(model: EvalModel, images01: torch.Tensor) -> torch.Tensor:
@@ -178,8 +248,13 @@ def train_probe(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sched: ProbeSchedule,
     desc: str,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Train `head` (feature map -> predictions) with AdamW; returns timing and the last loss."""
+    """Train `head` (feature map -> predictions) with AdamW; returns timing and the last loss.
+
+    `after_step(n)` runs after the n-th optimizer step (seg's validations), with the backbone already
+    back in eval mode from step `sched.backbone_train_steps` on, as after Meta's first validation.
+    """
     head.to(model.device).train()
     lr0, _ = sched.schedule(0)
     opt = torch.optim.AdamW(
@@ -187,7 +262,8 @@ def train_probe(
     )
     gen = torch.Generator().manual_seed(sched.seed)
     cache = batches = None
-    cache_seconds, cache_builds = 0.0, 0
+    cache_seconds, cache_builds, after_seconds = 0.0, 0, 0.0
+    train_steps = min(sched.backbone_train_steps, sched.iterations)
 
     def build_cache(seed: int) -> FeatureCache:
         nonlocal cache_seconds, cache_builds
@@ -201,46 +277,57 @@ def train_probe(
     if sched.cache_views > 0:
         cache = build_cache(sched.seed)
     first_build_seconds = cache_seconds
-    if cache is None:
+    live_steps = sched.iterations if cache is None else train_steps
+    if live_steps:
         # the whole sampling order up front: item k of the run is image order[k], view seed k
-        order = torch.randint(num_images, (sched.iterations * sched.batch_size,), generator=gen).numpy()
+        order = torch.randint(num_images, (live_steps * sched.batch_size,), generator=gen).numpy()
         batches = iter(_loader(_Views(view_fn, order, sched.seed), sched.batch_size, sched.num_workers))
     start = time.perf_counter()
     loss_value = float("nan")
     bar = tqdm(range(sched.iterations), desc=desc, unit="it", leave=False)
-    for step in bar:
-        lr, beta1 = sched.schedule(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-            if beta1 is not None:
-                g["betas"] = (beta1, g["betas"][1])
-        if cache is not None:
-            if sched.cache_refresh > 0 and step > 0 and step % sched.cache_refresh == 0:
-                cache = None  # free the old features before computing the new ones
-                cache = build_cache(sched.seed + step)
-            idx = torch.randint(len(cache), (sched.batch_size,), generator=gen)
-            feats, targets = cache.batch(idx, model.device)
-        else:
-            imgs, targets = next(batches)
-            feats = patch_features(model, imgs)
-            targets = targets.to(model.device, non_blocking=True)
-        loss = loss_fn(head(feats), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if sched.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(head.parameters(), sched.grad_clip)
-        opt.step()
-        if step % 10 == 0 or step == sched.iterations - 1:
-            loss_value = float(loss.detach())
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+    with ExitStack() as backbone:
+        backbone.enter_context(backbone_train_mode(model) if train_steps else nullcontext())
+        for step in bar:
+            lr, beta1 = sched.schedule(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+                if beta1 is not None:
+                    g["betas"] = (beta1, g["betas"][1])
+            if cache is not None and step >= train_steps:
+                if sched.cache_refresh > 0 and step > 0 and step % sched.cache_refresh == 0:
+                    cache = None  # free the old features before computing the new ones
+                    cache = build_cache(sched.seed + step)
+                idx = torch.randint(len(cache), (sched.batch_size,), generator=gen)
+                feats, targets = cache.batch(idx, model.device)
+            else:
+                imgs, targets = next(batches)
+                feats = patch_features(model, imgs)
+                targets = targets.to(model.device, non_blocking=True)
+            loss = loss_fn(head(feats), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if sched.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), sched.grad_clip)
+            opt.step()
+            if step % 10 == 0 or step == sched.iterations - 1:
+                loss_value = float(loss.detach())
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step + 1 == train_steps:
+                backbone.close()  # eval mode from here on, as after the release's first validation
+            if after_step is not None:
+                t = time.perf_counter()
+                after_step(step + 1)
+                after_seconds += time.perf_counter() - t
     head.eval()
     # the first cache build ran before `start`; refreshes ran inside the loop and count as cache time
-    loop_seconds = time.perf_counter() - start - (cache_seconds - first_build_seconds)
+    loop_seconds = time.perf_counter() - start - (cache_seconds - first_build_seconds) - after_seconds
     return {
         "train_seconds": loop_seconds + cache_seconds,
+        "validation_seconds": after_seconds,
         "cache_seconds": cache_seconds,
         "cache_builds": cache_builds,
         "seconds_per_iteration": loop_seconds / max(1, sched.iterations),
+        "backbone_train_steps": train_steps,
         "final_loss": loss_value,
     }
 

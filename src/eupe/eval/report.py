@@ -306,7 +306,16 @@ def radar_plot(
     plt.close(fig)
 
 
+# how a number was obtained, where a task has a choice (knn's scoring, the probes' backbone mode and
+# selection): the one-line report repeats it, so two numbers are not compared across protocols unseen
+PROTOCOL_KEYS = ("protocol", "backbone_mode", "select")
+
+
 def format_result(r: EvalResult) -> str:
     if r.value is None:
         return f"{r.task} {r.model}: {r.status}"
-    return f"{r.task} {r.model} on {r.dataset}: {r.metric} = {format_value(r.value, r.metric, precise=True)}"
+    line = f"{r.task} {r.model} on {r.dataset}: {r.metric} = {format_value(r.value, r.metric, precise=True)}"
+    notes = [f"{k}={r.extra[k]}" for k in PROTOCOL_KEYS if k in r.extra]
+    if r.extra.get("select") == "best":
+        notes[-1] += f" (step {r.extra['selected_step']})"
+    return f"{line} [{', '.join(notes)}]" if notes else line

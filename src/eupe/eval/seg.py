@@ -9,7 +9,9 @@ to 0). Training view: short side 512 x U(0.5, 2.0), 512x512 crop (cat_max_ratio 
 photometric distortion, padded to 512 (label 255). Evaluation: short side resized to 512, 512
 windows at stride 341, averaged logits resized to the label; mIoU over the 150 classes with label 0
 ignored (reduce_zero_label), averaged over the classes present in the evaluated set (union > 0).
-Differences kept from the release are listed in docs/fidelity.md.
+The release validates every 5000 iterations and reports the best validation (`select=best`); its
+backbone runs in train mode until the first validation (`backbone_mode=release`). The defaults,
+`select=last` and `backbone_mode=eval`, and every other difference are in docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -25,26 +27,32 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from .common import EvalResult, resolve_settings, seed_everything, settings_dict, snap
+from .common import EvalResult, snap
 from .datasets import ADE20k
 from .features import (
     ProbeSchedule,
     WarmupOneCycle,
+    check_backbone_mode,
+    finish_probe,
     maybe_flip,
     pad_bottom_right,
     patch_features,
     random_crop,
+    release_share,
     resize_image,
     resize_nearest,
     short_side_size,
+    start_probe,
     to_tensor01,
     train_probe,
 )
-from .models import EvalModel, load_model
+from .models import EvalModel
 from .registry import register_task
 
 # the release's warmup, 1500 of its 40k iterations; warmup_iters=-1 keeps this share of any run
 RELEASE_WARMUP_SHARE = 1500 / 40000
+RELEASE_EVAL_SHARE = 5000 / 40000  # its validation interval; eval_interval=-1 keeps this share
+SELECTIONS = ("last", "best")
 
 
 @dataclass
@@ -67,10 +75,29 @@ class SegSettings:
     cache_refresh: int = 0  # with cache_views: new augmentations every this many iterations (0 = never)
     num_workers: int = 4  # data-loading processes for the probe's training views
     max_val_images: int = 0  # 0 = all
+    backbone_mode: str = "eval"  # eval: always; release: train mode until Meta's first validation
+    select: str = "last"  # last: the final head; best: the best validation (the release)
+    eval_interval: int = -1  # validation every N iterations (best, release); -1: 5000/40000 of the run
     train_split: str = "training"
     val_split: str = "validation"
     seed: int = 0
     device: str = "auto"
+
+    def check(self) -> None:
+        check_backbone_mode(self.backbone_mode)
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select={self.select!r}: choose from {', '.join(SELECTIONS)}")
+
+
+def release_train_steps(iterations: int, eval_interval: int) -> int:
+    """The iterations Meta's seg loop runs with the backbone in train mode.
+
+    Its first validation calls `.eval()` on the whole model and `.train()` on the head only, so the
+    backbone trains until then: step `eval_interval`, or step 1 when the run is not a multiple of
+    it, because the release's "one last validation" block sits inside the training loop and then
+    validates after every step (eupe/eval/segmentation/train.py).
+    """
+    return min(iterations, eval_interval if iterations % eval_interval == 0 else 1)
 
 
 class LinearSegHead(nn.Module):
@@ -211,25 +238,55 @@ def seg(
     **overrides: Any,
 ) -> EvalResult:
     """Train a linear segmentation probe on ADE20k training and report validation mIoU."""
-    s = resolve_settings(SegSettings, overrides)
-    m = load_model(model, weights, s.device)
+    s, m, dim = start_probe(SegSettings, model, weights, overrides)
     if s.resolution % m.stride:
         raise ConfigError(
             f"resolution={s.resolution} is not a multiple of {m.name}'s stride {m.stride}; try {snap(s.resolution, m.stride)}"
         )
-    seed_everything(s.seed)
     train, val = ADE20k(data, s.train_split), ADE20k(data, s.val_split)
-    dim = patch_features(m, torch.zeros(1, 3, m.stride, m.stride)).shape[1]
     head = LinearSegHead(dim, s.num_classes, s.dropout)
-    warmup = round(s.iterations * RELEASE_WARMUP_SHARE) if s.warmup_iters < 0 else s.warmup_iters
+    warmup = release_share(s.warmup_iters, s.iterations, RELEASE_WARMUP_SHARE)
+    interval = max(1, release_share(s.eval_interval, s.iterations, RELEASE_EVAL_SHARE))
     # the release: warmup from lr * 1e-6, cosine to exactly 0, and its scheduler skips one step
     schedule = WarmupOneCycle(
         s.lr, s.iterations, warmup, warmup_ratio=1e-6, final_div_factor=float("inf"), step_offset=1
     )
-    sched = ProbeSchedule.from_settings(s, schedule)
-    timing = train_probe(m, head, _train_view(train, s, m.mean), len(train), seg_loss, sched, "seg probe")
-    stride = s.window_stride if s.window_stride > 0 else int(s.resolution * 2 / 3)
+    sched = ProbeSchedule.from_settings(s, schedule, release_train_steps(s.iterations, interval))
     n_val = len(val) if s.max_val_images <= 0 else min(len(val), s.max_val_images)
+    validations: list[dict[str, Any]] = []
+
+    def validate(step: int) -> None:
+        """The release's validations (every `interval` steps and at the end) for select=best."""
+        if step % interval and step != s.iterations:
+            return
+        head.eval()
+        validations.append({"step": step, **evaluate_seg(m, head, val, n_val, s)})
+        head.train()
+
+    after_step = validate if s.select == "best" else None
+    timing = train_probe(
+        m, head, _train_view(train, s, m.mean), len(train), seg_loss, sched, "seg probe", after_step
+    )
+    if validations:  # select=best: the first of equal bests, as the release's strict '>' keeps it
+        chosen = max(validations, key=lambda v: (v["mIoU"], -v["step"]))
+    else:
+        chosen = {"step": s.iterations, **evaluate_seg(m, head, val, n_val, s)}
+    extra = {
+        "backbone_mode": s.backbone_mode,
+        "select": s.select,
+        "selected_step": chosen["step"],
+        **{k: v for k, v in chosen.items() if k not in ("mIoU", "step")},
+        "validations": [{"step": v["step"], "mIoU": v["mIoU"]} for v in validations],
+        "num_train": len(train),
+        "num_val": n_val,
+        **timing,
+    }
+    return finish_probe("seg", "mIoU", chosen["mIoU"], m, data, s, extra, output_dir)
+
+
+def evaluate_seg(m: EvalModel, head: nn.Module, val: ADE20k, n_val: int, s: SegSettings) -> dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU of `head` on the first `n_val` validation images."""
+    stride = s.window_stride if s.window_stride > 0 else int(s.resolution * 2 / 3)
     inter = np.zeros(s.num_classes, np.int64)
     union = np.zeros(s.num_classes, np.int64)
     correct = total = 0
@@ -247,23 +304,9 @@ def seg(
         correct += int((pred.numpy()[valid] == label[valid]).sum())
         total += int(valid.sum())
     miou, iou = mean_iou(inter, union)
-    result = EvalResult(
-        task="seg",
-        metric="mIoU",
-        value=miou,
-        model=m.name,
-        dataset=str(data),
-        settings=settings_dict(s),
-        extra={
-            "pixel_accuracy": correct / max(1, total),
-            "classes_present": int((union > 0).sum()),
-            "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
-            "num_train": len(train),
-            "num_val": n_val,
-            **timing,
-            "model_info": m.describe(),
-        },
-    )
-    if output_dir is not None:
-        result.write(output_dir)
-    return result
+    return {
+        "mIoU": miou,
+        "pixel_accuracy": correct / max(1, total),
+        "classes_present": int((union > 0).sum()),
+        "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
+    }
