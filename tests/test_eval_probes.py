@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from eupe.eval.depth import color_jitter, predict_depth, rotate_pair
-from eupe.eval.features import WarmupOneCycle, pad_bottom_right, random_crop, short_side_size
+from eupe.eval.features import WarmupOneCycle
 from eupe.eval.models import load_model
 from eupe.eval.seg import LinearSegHead, photometric_distortion, seg_loss, sliding_logits
+from eupe.eval.transforms import pad_bottom_right, random_crop, short_side_size
 
 from .test_eval_data import ColorEncoder
 

@@ -19,7 +19,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
 from ..files import atomic_write
-from ..runtime import seed_everything as seed_everything  # re-exported: the probes seed from here
 
 S = TypeVar("S")
 RESULTS_FILE = "results.json"

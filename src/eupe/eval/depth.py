@@ -36,19 +36,14 @@ from .features import (
     WarmupOneCycle,
     check_backbone_mode,
     finish_probe,
-    maybe_flip,
     patch_features,
-    random_crop,
     release_share,
-    resize_image,
-    resize_nearest,
-    short_side_size,
     start_probe,
-    to_tensor01,
     train_probe,
 )
 from .models import EvalModel
 from .registry import register_task
+from .transforms import maybe_flip, random_crop, resize_image, resize_nearest, short_side_size, to_tensor01
 
 EIGEN_CROP_480x640 = (45, 471, 41, 601)  # top, bottom, left, right: the test-time evaluation crop
 NYU_CROP_480x640 = (45, 472, 43, 608)  # top, bottom, left, right: the release's training border crop

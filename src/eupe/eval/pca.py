@@ -19,9 +19,9 @@ import torch
 from ..errors import ConfigError
 from .common import EvalResult, resolve_settings, settings_dict, snap
 from .datasets import IMAGE_EXTS, load_rgb
-from .features import resize_image, to_tensor01
 from .models import load_model
 from .registry import register_task
+from .transforms import resize_image, to_tensor01
 
 
 @dataclass

@@ -34,20 +34,22 @@ from .features import (
     WarmupOneCycle,
     check_backbone_mode,
     finish_probe,
-    maybe_flip,
-    pad_bottom_right,
     patch_features,
-    random_crop,
     release_share,
-    resize_image,
-    resize_nearest,
-    short_side_size,
     start_probe,
-    to_tensor01,
     train_probe,
 )
 from .models import EvalModel
 from .registry import register_task
+from .transforms import (
+    maybe_flip,
+    pad_bottom_right,
+    random_crop,
+    resize_image,
+    resize_nearest,
+    short_side_size,
+    to_tensor01,
+)
 
 # the release's warmup, 1500 of its 40k iterations; warmup_iters=-1 keeps this share of any run
 RELEASE_WARMUP_SHARE = 1500 / 40000

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from .common import EvalResult, resolve_settings, settings_dict, snap
 from .datasets import SPair, load_rgb
-from .features import patch_features, resize_image, to_tensor01
+from .features import patch_features
 from .models import EvalModel, load_model
 from .registry import register_task
+from .transforms import resize_image, to_tensor01
 
 
 @dataclass
