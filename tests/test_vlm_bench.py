@@ -213,6 +213,20 @@ def test_importing_lmms_eval_leaves_truncated_images_corrupt():
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
+@pytest.mark.parametrize("caller", [True, False])
+def test_evaluation_restores_the_callers_truncated_images_setting(monkeypatch, tmp_path, caller):
+    """LOAD_TRUNCATED_IMAGES is on while lmms-eval evaluates, then back to what the caller had set."""
+    from PIL import ImageFile
+
+    from eupe.vlm import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "simple_evaluate", lambda **kw: seen.append(ImageFile.LOAD_TRUNCATED_IMAGES))
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", caller)
+    bench.evaluate(None, [], None, None, tmp_path)
+    assert seen == [True] and ImageFile.LOAD_TRUNCATED_IMAGES is caller
+
+
 def test_cli_vlm_eval_writes_results_and_prints_a_table(
     bench_dir, tiny_folder, tmp_path, capsys, one_torch_thread
 ):

@@ -342,6 +342,7 @@ def evaluate(
     filelock_compat()
     # what lmms-eval reads from its CLI namespace; TextVQA writes its submission under output_path
     cli = argparse.Namespace(output_path=str(out), process_with_media=True, reasoning_tags=None)
+    caller = ImageFile.LOAD_TRUNCATED_IMAGES  # restored after, whatever the caller had set
     ImageFile.LOAD_TRUNCATED_IMAGES = True  # as lmms-eval runs its benchmarks
     try:
         return simple_evaluate(
@@ -364,7 +365,7 @@ def evaluate(
             "lmms-eval's task configs need a token (hf auth login); offline, pass data_dir"
         ) from None
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        ImageFile.LOAD_TRUNCATED_IMAGES = caller
 
 
 def task_result(task: str, results: dict, model: str, settings: dict, local: bool) -> dict[str, Any]:
