@@ -278,3 +278,46 @@ def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path, monkeypatch, ca
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("eupe vlm: error:")]
     assert len(lines) == 1 and "the loss is not finite at step 4" in lines[0] and "checkpoint-2" in lines[0]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_vision_feature_layer_takes_any_vit_block_and_only_the_last_of_a_convnext(tmp_path):
+    """A ViT serves every block (before the final norm) and -1; a ConvNeXt -1 alone, else a ConfigError."""
+    from eupe.models import create_model
+    from eupe.models.hf import to_hf_model
+    from eupe.vlm.model import build_llava
+
+    lm = _config(Path("unused")).language_model
+    vit, _ = build_llava("eupe_vitt16", lm, tokenizer="byte", image_size=32, vision_feature_layer=-2)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = vit.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        for layer in (*range(-13, -1), *range(13)):  # ViT-T: the embedding + 12 blocks
+            got = torch.stack(vit.model.get_image_features(pixels, vision_feature_layer=layer).pooler_output)
+            assert torch.equal(got, vit.model.multi_modal_projector(hidden[layer][:, 5:])), layer
+        assert vit.model.get_image_features(pixels).pooler_output[0].shape == (4, 64)  # the config's -2
+    for bad in (13, -14, 1.5):
+        with pytest.raises(ConfigError, match="vision_feature_layer"):
+            vit.model.get_image_features(pixels, vision_feature_layer=bad)
+    folder = tmp_path / "convnext"  # a 4-stage ConvNeXt, 8 to 32 channels, as a transformers folder
+    to_hf_model(
+        create_model("eupe_convnext_tiny", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    ).save_pretrained(folder)
+    conv, _ = build_llava(str(folder), lm, tokenizer="byte", image_size=64)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert conv.model.get_image_features(pixels).pooler_output[0].shape == (4, 64)  # (64 / 32)^2 tokens
+    for bad in (-2, 0, 4):
+        with pytest.raises(ConfigError, match="ConvNeXt"):
+            conv.model.get_image_features(pixels, vision_feature_layer=bad)
+        with pytest.raises(ConfigError, match="ConvNeXt"):
+            build_llava(str(folder), lm, tokenizer="byte", image_size=64, vision_feature_layer=bad)
+    conv.config.vision_feature_layer = -2  # as an edited config.json would load
+    with pytest.raises(ConfigError, match="ConvNeXt"):
+        EupeLlavaForConditionalGeneration(conv.config)
+
+
+def test_init_with_another_vision_feature_layer_is_refused(tiny_run, tmp_path):
+    out, _ = tiny_run
+    cfg = _config(tmp_path / "b", "stages=[b]", f"init={out / 'final'}", "vision_feature_layer=-2")
+    with pytest.raises(ConfigError, match="vision_feature_layer -1"):
+        vlm_train.train_vlm(cfg)

@@ -4,8 +4,9 @@ The only change to `LlavaForConditionalGeneration` is which encoder tokens reach
 an eupe encoder's final, normed output (`last_hidden_state`) without its prefix tokens, i.e. the
 patch tokens alone (a ViT drops its class token and 4 registers, a ConvNeXt its pooled token).
 At the paper's 384 px a patch-16 ViT gives 576 of them, as CLIP-L/14 does at 336 px. That is the
-layer the encoders are distilled at; `vision_feature_layer` set to another index takes that
-block's output instead (before the final norm), still without the prefix tokens.
+layer the encoders are distilled at; for a ViT, `vision_feature_layer` set to another index takes
+that block's output instead (before the final norm), still without the prefix tokens. A ConvNeXt
+takes -1 only (see `check_feature_layer`).
 
 A model folder (`final/` of `eupe vlm train`) is an ordinary transformers folder:
 `EupeLlavaForConditionalGeneration.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR)`
@@ -44,11 +45,41 @@ def vision_stride(vision_config: Any) -> int:
     return int(getattr(vision_config, "patch_size", None) or 32)
 
 
+def check_feature_layer(vision_config: Any, layer: Any) -> None:
+    """Refuse a `vision_feature_layer` the tower cannot feed to the projector, naming those it can.
+
+    A ViT's hidden states (the patch embedding, then each block) all have the projector's width and
+    token count, so -1 (the final, normed output), 0 (the embedding), k (block k, before the norm)
+    and -k (counted from the end) all work. A ConvNeXt's hidden states are its input and its four
+    stages: the first three have other widths and 4 to 64 times the last one's tokens, which neither
+    the projector nor the processor's image-token count fits, and the last one is the final output
+    less its norm. So a ConvNeXt serves -1 only.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ConfigError(f"vision_feature_layer is one int (an eupe vision tower), got {layer!r}")
+    if getattr(vision_config, "model_type", None) == "dinov3_convnext":
+        if layer != -1:
+            raise ConfigError(
+                f"vision_feature_layer {layer}: a ConvNeXt tower feeds the projector its final output only "
+                "(-1); its earlier stages have other widths and token counts"
+            )
+        return
+    blocks = int(vision_config.num_hidden_layers)
+    if not -blocks - 1 <= layer <= blocks:
+        raise ConfigError(
+            f"vision_feature_layer {layer}: this ViT has {blocks} blocks; take -1 (the final output), "
+            f"0 (the patch embedding), 1..{blocks} or -{blocks + 1}..-2"
+        )
+
+
 class EupeLlavaModel(modeling_llava.LlavaModel):
+    def __init__(self, config: Any):
+        check_feature_layer(config.vision_config, config.vision_feature_layer)  # e.g. an edited config.json
+        super().__init__(config)
+
     def get_image_features(self, pixel_values: torch.Tensor, vision_feature_layer=None, **kwargs: Any):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        if not isinstance(layer, int):
-            raise ConfigError("an eupe vision tower takes one vision_feature_layer (an int)")
+        check_feature_layer(self.config.vision_config, layer)
         out = self.vision_tower(pixel_values, output_hidden_states=layer != -1, return_dict=True)
         tokens = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         tokens = tokens[:, prefix_tokens(self.config.vision_config) :]
@@ -176,6 +207,7 @@ def build_llava(
     tokenizer: str | None = None,
     image_size: int | None = None,
     dtype: torch.dtype | None = None,
+    vision_feature_layer: int = -1,
 ) -> tuple[EupeLlavaForConditionalGeneration, Any]:
     """A fresh LLaVA-1.5: pretrained encoder and language model, a new 2-layer GELU projector.
 
@@ -183,8 +215,10 @@ def build_llava(
     stay in float32, and the projected features are cast to the language model's dtype.
 
     `image_size` None is the paper's: 336 px for patch-14 encoders, else 384 (576 tokens at 14/16).
+    `vision_feature_layer` is checked here, before the language model loads (`check_feature_layer`).
     """
     vision = load_vision_tower(encoder, encoder_weights)
+    check_feature_layer(vision.config, vision_feature_layer)
     stride = vision_stride(vision.config)
     image_size = image_size or (336 if stride == 14 else 384)
     if image_size % stride:
@@ -205,7 +239,7 @@ def build_llava(
         text_config=lm.config.to_dict(),
         image_token_id=tok.convert_tokens_to_ids(IMAGE),
         projector_hidden_act="gelu",
-        vision_feature_layer=-1,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="full",
         image_seq_length=(image_size // stride) ** 2,
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),

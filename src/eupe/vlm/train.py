@@ -79,6 +79,8 @@ class VlmConfig:
     )
     encoder_weights: str | None = None
     image_size: int = 0  # 0: 336 for patch-14 encoders, else 384 (576 tokens for patch 14/16)
+    # -1: the encoder's final, normed output; a ViT also takes a block's index (e.g. -2, the penultimate)
+    vision_feature_layer: int = -1
     language_model: Any = "lmsys/vicuna-7b-v1.5"  # Hub name or folder; or a config mapping (random init)
     tokenizer: str | None = None  # default: the language model's; "byte": built here, no download
     # the language model's weights: auto = bfloat16 where it stays frozen (stage A) on a bf16 GPU, else
@@ -337,6 +339,11 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
     dtype = _lm_dtype(cfg.lm_dtype, st)
     if init is not None:
         model, processor = load_llava(init, dtype=dtype)
+        if model.config.vision_feature_layer != cfg.vision_feature_layer:
+            raise ConfigError(
+                f"init {init} reads vision_feature_layer {model.config.vision_feature_layer}; "
+                f"set vision_feature_layer={model.config.vision_feature_layer} to continue it"
+            )
     else:
         model, processor = build_llava(
             cfg.encoder,
@@ -345,6 +352,7 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
             tokenizer=cfg.tokenizer,
             image_size=cfg.image_size or None,
             dtype=dtype,
+            vision_feature_layer=cfg.vision_feature_layer,
         )
     _freeze(model, st.train)
     tok = processor.tokenizer
