@@ -81,6 +81,20 @@ def test_final_loads_with_from_pretrained_and_answers(tiny_run):
     assert AutoProcessor.from_pretrained(out / "final").tokenizer.convert_tokens_to_ids("<image>") == 4
 
 
+def test_the_saved_chat_template_writes_the_evaluation_prompt(tiny_run):
+    """apply_chat_template on final/ gives `chat_prompt` (issue 27: the template did not parse)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_run[0] / "final")
+    question = "What colour is the shape?"
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    assert text == chat_prompt(question)
+    turn = [{"role": "user", "content": question}]
+    text = processor.tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    assert text == chat_prompt(question, image=False)
+
+
 def test_finished_run_is_not_trained_again(tiny_run):
     out, _ = tiny_run
     before = (out / "final" / "model.safetensors").stat().st_mtime_ns
@@ -91,15 +105,25 @@ def test_finished_run_is_not_trained_again(tiny_run):
         vlm_train.train_vlm(_config(out, "stage_b.lr=0.1"))
 
 
-def test_killed_stage_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_killed_stage_resumes_exactly(tmp_path, monkeypatch, grouped):
     from transformers import TrainerCallback
 
     args = ["stages=[a]", "stage_a.epochs=1", "stage_a.max_steps=6", "trainer.save_steps=2"]
+    kill = 5  # after checkpoint-4, before checkpoint-6
+    if grouped:  # LLaVA's grouped order, killed in the second epoch (6 steps each): that epoch's again
+        args = [
+            "stages=[a]",
+            "stage_a.epochs=2",
+            "trainer.save_steps=2",
+            "stage_a.group_by_modality_length=true",
+        ]
+        kill = 9
     ref = vlm_train.train_vlm(_config(tmp_path / "ref", *args))
 
     class Kill(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
-            if state.global_step == 5:  # after checkpoint-4, before checkpoint-6
+            if state.global_step == kill:
                 raise KeyboardInterrupt
 
     make = vlm_train._callbacks
@@ -107,7 +131,10 @@ def test_killed_stage_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         vlm_train.train_vlm(_config(tmp_path / "run", *args))
     monkeypatch.setattr(vlm_train, "_callbacks", make)
-    assert vlm_train.last_checkpoint(tmp_path / "run" / "checkpoints" / "stage_a").name == "checkpoint-4"
+    assert (
+        vlm_train.last_checkpoint(tmp_path / "run" / "checkpoints" / "stage_a").name
+        == f"checkpoint-{kill - 1}"
+    )
     vlm_train.train_vlm(_config(tmp_path / "run", *args))
     a = load_llava(Path(ref["final"]))[0].state_dict()
     b = load_llava(tmp_path / "run" / "final")[0].state_dict()
@@ -194,7 +221,7 @@ def test_conversation_formats_supervise_only_the_answers():
     ids, labels = encode(tok, pairs, "vicuna_v1", image_tokens=3, image_token_id=4, max_length=1000)
     assert ids.count(4) == 3 and ids[0] == tok.bos_token_id
     supervised = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
-    assert supervised == "Red</s>circle</s>"
+    assert supervised == " Red</s> circle</s>"  # the space after "ASSISTANT:" opens the answer
     assert tok.decode(ids[:1] + [i for i in ids[1:] if i != 4]).startswith("<s>A chat between")
     ids, labels = encode(tok, [("<image>\nDescribe.", "a red circle.")], "plain", 3, 4, 1000)
     assert ids[:4] == [tok.bos_token_id, 4, 4, 4]

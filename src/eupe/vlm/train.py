@@ -39,6 +39,7 @@ from ..files import atomic_write, replace_dir
 from ..runtime import rank
 from .data import REASONS, Collate, ConversationData, read_records
 from .model import TOWER, build_llava, load_llava
+from .sampler import ModalityLengthSampler
 from .text import IGNORE, STYLES
 
 
@@ -55,6 +56,8 @@ class StageConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_steps: int = -1  # > 0: stop after this many optimizer steps (smoke runs)
+    # LLaVA's group_by_modality_length: one modality per batch, similar lengths (eupe/vlm/sampler.py)
+    group_by_modality_length: bool = False
 
 
 @dataclass
@@ -93,7 +96,11 @@ class VlmConfig:
     stage_a: StageConfig = field(default_factory=StageConfig)
     stage_b: StageConfig = field(
         default_factory=lambda: StageConfig(
-            style="vicuna_v1", train=["projector", "language_model"], lr=2e-5, batch_size=16
+            style="vicuna_v1",
+            train=["projector", "language_model"],
+            lr=2e-5,
+            batch_size=16,
+            group_by_modality_length=True,  # as LLaVA-1.5's finetune script; its pretraining does not
         )
     )
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -158,12 +165,36 @@ def _callbacks(metrics: Path, stage: str) -> list[Any]:
     return [SkipCounts(), MetricsFile(metrics, stage)]
 
 
+class SamplerEpoch(TrainerCallback):
+    """Gives the grouped sampler its epoch, from the trainer state, as each epoch begins.
+
+    accelerate's `set_epoch` reaches the sampler of a fresh loader, but not under the wrappers of a
+    resumed multi-rank one (skipped batches around sharded batches); the state holds it either way.
+    """
+
+    def __init__(self, sampler: ModalityLengthSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(int(state.epoch or 0))
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class LlavaTrainer(Trainer):
-    """The Trainer, plus skipped-record counts, batches whose records were all skipped, a NaN stop."""
+    """The Trainer, plus skipped-record counts, batches whose records were all skipped, a NaN stop,
+    and optionally LLaVA's modality- and length-grouped sampler."""
+
+    def __init__(self, *args: Any, sampler: ModalityLengthSampler | None = None, **kwargs: Any):
+        self.grouped = sampler
+        super().__init__(*args, **kwargs)
+        if sampler is not None:
+            self.add_callback(SamplerEpoch(sampler))
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        return self.grouped if self.grouped is not None else super()._get_train_sampler(*args, **kwargs)
 
     def _skips(self) -> SkipCounts:
         # looked up each time: resuming replaces the callback by one rebuilt from the checkpoint
@@ -373,13 +404,19 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
     resume = last_checkpoint(folder) if folder.is_dir() else None
     if resume is not None and _is_main():
         _truncate_metrics(metrics, s, int(resume.name.split("-")[-1]))
+    args = _training_args(cfg, st, folder)
+    sampler = None
+    if st.group_by_modality_length:  # one megabatch: the records of one optimizer step, all ranks
+        step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        sampler = ModalityLengthSampler(data.records, step, cfg.trainer.seed)
     trainer = LlavaTrainer(
         model=model,
-        args=_training_args(cfg, st, folder),
+        args=args,
         data_collator=collate,
         train_dataset=data,
         processing_class=processor,
         callbacks=_callbacks(metrics, s),
+        sampler=sampler,
     )
     if resume is not None and _is_main():
         print(f"stage {s}: resuming from {resume}")
