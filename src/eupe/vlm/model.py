@@ -32,7 +32,7 @@ from transformers.models.llava import modeling_llava
 
 from ..errors import CheckpointError, ConfigError
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .text import IMAGE, byte_tokenizer, prepare_tokenizer
+from .text import IMAGE, byte_tokenizer, prepare_tokenizer, sentencepiece_compat
 
 
 def prefix_tokens(vision_config: Any) -> int:
@@ -171,6 +171,7 @@ def load_language_model(spec: str | dict[str, Any], dtype: torch.dtype | None = 
 def load_tokenizer(spec: str) -> Any:
     if spec == "byte":
         return byte_tokenizer()
+    sentencepiece_compat()  # Vicuna ships tokenizer.model only
     try:
         return prepare_tokenizer(_tf.AutoTokenizer.from_pretrained(spec, use_fast=True))
     except OSError as e:
