@@ -191,7 +191,7 @@ def test_a_batch_of_only_bad_records_trains_on_a_placeholder(tmp_path):
 
 
 def test_collate_pads_and_places_a_placeholder():
-    c = Collate(pad_id=3, bos_id=1, image_token_id=4, image_tokens=2, image_size=8)
+    c = Collate(pad_id=3, image_token_id=4, image_tokens=2, image_size=8)
     good = {"input_ids": torch.tensor([1, 4, 4, 9]), "labels": torch.tensor([IGNORE, IGNORE, IGNORE, 9])}
     good["pixel_values"] = torch.ones(3, 8, 8)
     text = {"input_ids": torch.tensor([1, 7]), "labels": torch.tensor([IGNORE, 7])}
@@ -201,7 +201,7 @@ def test_collate_pads_and_places_a_placeholder():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert b["pixel_values"].shape == (1, 3, 8, 8) and b["skipped"].tolist() == [0, 0, 0, 1]
     p = c([{"skip": "missing image"}])
-    assert p["input_ids"].tolist() == [[1, 4, 4]] and (p["labels"] == IGNORE).all()
+    assert p["input_ids"].tolist() == [[4, 4]] and (p["labels"] == IGNORE).all()  # no BOS assumed
 
 
 def test_conversation_formats_supervise_only_the_answers():

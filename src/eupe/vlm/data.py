@@ -108,11 +108,11 @@ class Collate:
     token (a blank image and its image tokens), so every rank still runs the same forward pass.
     """
 
-    def __init__(self, pad_id: int, bos_id: int, image_token_id: int, image_tokens: int, image_size: int):
+    def __init__(self, pad_id: int, image_token_id: int, image_tokens: int, image_size: int):
         self.pad_id = pad_id
-        self.placeholder = {
-            "input_ids": torch.tensor([bos_id] + [image_token_id] * image_tokens),
-            "labels": torch.full((1 + image_tokens,), IGNORE),
+        self.placeholder = {  # image tokens only: not every tokenizer has a BOS token (SmolLM2's adds none)
+            "input_ids": torch.full((image_tokens,), image_token_id),
+            "labels": torch.full((image_tokens,), IGNORE),
             "pixel_values": torch.zeros(3, image_size, image_size),
         }
 

@@ -398,7 +398,7 @@ def _run_stage(cfg: VlmConfig, s: str, init: Path | None, final: Path, out: Path
         model.config.image_token_id,
         cfg.max_length,
     )
-    collate = Collate(tok.pad_token_id, tok.bos_token_id, model.config.image_token_id, tokens, size)
+    collate = Collate(tok.pad_token_id, model.config.image_token_id, tokens, size)
     folder = out / "checkpoints" / f"stage_{s}"
     metrics = out / "metrics.jsonl"
     resume = last_checkpoint(folder) if folder.is_dir() else None
