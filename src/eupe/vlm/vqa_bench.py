@@ -1,0 +1,218 @@
+"""`eupe vlm bench`: encoders compared inside a real (small) VLM on easy-VQA, offline, on a CPU.
+
+For each encoder, the project's own `eupe vlm train` trains LLaVA-1.5 around it, the encoder frozen:
+stage A the projector alone, stage B the projector and SmolLM2-135M-Instruct, both on the same
+easy-VQA training questions in the same Vicuna-v1 conversation format (`easy_vqa.to_llava`). The
+trained model then answers a fixed subset of the test questions greedily, with the same prompt
+(`chat_prompt`), and an answer counts when it equals the reference (lower case, trimmed, no final
+full stop). This is paper 8.2's protocol at a scale a laptop runs: one language model, the encoder
+the only thing that changes. Each encoder's run is its own `eupe vlm train` folder, so a killed
+bench resumes: finished encoders are kept (`score.json`), an unfinished one resumes its training.
+
+Writes `DIR/results.json`, `DIR/report.md` and `DIR/accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from ..files import atomic_write
+from . import easy_vqa as ev
+from .model import load_llava, square
+from .text import IMAGE, chat_prompt
+from .train import StageConfig, TrainerConfig, VlmConfig, train_vlm
+
+KIND_ORDER = ("yes/no", "shape", "color")
+
+
+@dataclass
+class BenchSettings:
+    train_questions: int = 8000  # a fixed random subset of the 38,575 (seeded)
+    test_questions: int = 1000  # ~1.5 points of standard error at 65% accuracy
+    image_size: int = 64  # easy-VQA's native size: 16 tokens at patch 16
+    steps_a: int = 50  # stage A: the projector alone
+    steps_b: int = 400  # stage B: projector + language model
+    lr_a: float = 1e-3
+    lr_b: float = 1e-4
+    batch_size: int = 8
+    max_new_tokens: int = 4  # every answer is one word
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> BenchSettings:
+        """A smoke run of the whole path (CI): a few steps, a few questions; the score means nothing."""
+        return cls(train_questions=64, test_questions=12, steps_a=2, steps_b=3)
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"[.!]+$", "", text.strip().lower()).strip()
+
+
+def question_text(question: str) -> str:
+    """The scored question as the training records hold it (image first, then the instruction)."""
+    return f"{IMAGE}\n{question}\n{ev.INSTRUCTION}"
+
+
+def train_config(encoder: str, run: Path, lm: Path, data: Path, root: Path, s: BenchSettings) -> VlmConfig:
+    stage = dict(data=str(data), images=str(root), style="vicuna_v1", batch_size=s.batch_size, epochs=1.0)
+    return VlmConfig(
+        output_dir=str(run),
+        encoder=encoder,
+        image_size=s.image_size,
+        language_model=str(lm),
+        lm_dtype="float32",
+        max_length=256,
+        stages=["a", "b"],
+        stage_a=StageConfig(**stage, train=["projector"], lr=s.lr_a, max_steps=s.steps_a),
+        stage_b=StageConfig(**stage, train=["projector", "language_model"], lr=s.lr_b, max_steps=s.steps_b),
+        trainer=TrainerConfig(num_workers=0, save_steps=100, logging_steps=10, seed=s.seed),
+    )
+
+
+def score(final: str | Path, rows: list[dict], root: Path, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy answers of the LLaVA folder `final` to `rows`: exact-match accuracy, overall and by kind."""
+    model, processor = load_llava(final, dtype=torch.float32)
+    model.eval()
+    tok = processor.tokenizer
+    answers, start = [], time.perf_counter()
+    for r in tqdm(rows, desc=f"score {Path(final).parent.name}", leave=False):
+        image = square(Image.open(root / r["image"]).convert("RGB"))
+        inputs = processor(
+            text=chat_prompt(question_text(r["question"])), images=[image], return_tensors="pt"
+        )
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        answers.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    hits = [normalize(a) == r["answer"] for a, r in zip(answers, rows)]
+    by_kind = {
+        k: sum(h for h, r in zip(hits, rows) if r["kind"] == k) / max(sum(r["kind"] == k for r in rows), 1)
+        for k in KIND_ORDER
+    }
+    return {
+        "accuracy": sum(hits) / len(rows),
+        "by_kind": by_kind,
+        "questions": len(rows),
+        "score_seconds": time.perf_counter() - start,
+        "samples": [
+            {"question": r["question"], "answer": r["answer"], "reply": a} for r, a in zip(rows, answers)
+        ][:20],
+    }
+
+
+def run_bench(
+    encoders: list[str],
+    output_dir: str | Path,
+    *,
+    language_model: str | Path | None = None,
+    data: str | Path | None = None,
+    settings: BenchSettings | None = None,
+    progress=print,
+) -> dict[str, Any]:
+    """Train and score one VLM per encoder (see the module docstring); returns results.json's content."""
+    if not encoders:
+        raise ConfigError("give at least one encoder (--encoders), e.g. random_vitt16 pixels")
+    s = settings or BenchSettings()
+    out = Path(output_dir)
+    root = ev.easy_vqa_root(data)
+    lm = Path(language_model) if language_model else ev.smollm2_folder(out / "cache")
+    train = ev.subset(ev.read_split(root, "train"), s.train_questions, s.seed)
+    test = ev.subset(ev.read_split(root, "test"), s.test_questions, s.seed + 1)
+    paths = ev.write_llava_data(out / "data", train, test)
+    results = {
+        "task": "easy_vqa",
+        "language_model": str(lm),
+        "settings": dataclasses.asdict(s),
+        "encoders": {},
+        "baseline_majority": ev.majority_baseline(train, test),
+        "baseline_majority_by_kind": ev.majority_baseline(train, test, by_kind=True),
+    }
+    for name in encoders:
+        key = ev.encoder_key(name)
+        run = out / "runs" / key
+        done = run / "score.json"
+        if done.is_file():
+            progress(f"{key}: already scored ({done})")
+            results["encoders"][key] = json.loads(done.read_text())
+            continue
+        spec = str(ev.build_baseline(name, out / "encoders")) if name in ev.BASELINES else name
+        start = time.perf_counter()
+        summary = train_vlm(train_config(spec, run, lm, paths["train"], root, s))
+        trained = time.perf_counter() - start
+        entry = score(summary["final"], test, root, s.max_new_tokens)
+        entry.update(encoder=name, train_seconds=trained, seconds=trained + entry["score_seconds"])
+        entry["settings"] = results["settings"]
+        atomic_write(done, json.dumps(entry, indent=1))
+        results["encoders"][key] = entry
+        progress(f"{key}: accuracy {entry['accuracy']:.3f} in {entry['seconds']:.0f} s")
+    atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_report(results, out)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [
+        "| encoder | accuracy | yes/no | shape | color | seconds |",
+        "|---|---|---|---|---|---|",
+        f"| majority answer | {results['baseline_majority']:.3f} | "
+        + " | ".join(f"{results['baseline_majority_by_kind'][k]:.3f}" for k in KIND_ORDER)
+        + " | |",
+    ]
+    for name, e in results["encoders"].items():
+        kinds = " | ".join(f"{e['by_kind'][k]:.3f}" for k in KIND_ORDER)
+        lines.append(f"| {name} | {e['accuracy']:.3f} | {kinds} | {e['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["encoders"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.2))
+    width = 0.8 / (len(KIND_ORDER) + 1)
+    for j, k in enumerate(("accuracy", *KIND_ORDER)):
+        values = [results["encoders"][n]["accuracy" if k == "accuracy" else "by_kind"] for n in names]
+        values = [v if k == "accuracy" else v[k] for v in values]
+        ax.bar([i + j * width for i in range(len(names))], values, width, label=k)
+    ax.axhline(results["baseline_majority"], color="grey", linestyle="--", label="majority answer")
+    ax.set_xticks([i + 1.5 * width for i in range(len(names))], names, rotation=15)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact match")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+    s = results["settings"]
+    report = [
+        "# eupe vlm bench: easy-VQA with SmolLM2-135M-Instruct",
+        "",
+        f"Each encoder frozen; LLaVA-1.5 stage A ({s['steps_a']} steps, projector) and stage B "
+        f"({s['steps_b']} steps, projector + language model), batch {s['batch_size']}, "
+        f"{s['train_questions']} training questions, {s['image_size']} px; scored on "
+        f"{s['test_questions']} test questions by exact match (greedy, {s['max_new_tokens']} tokens).",
+        "",
+        format_table(results),
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+    ]
+    atomic_write(out / "report.md", "\n".join(report))
