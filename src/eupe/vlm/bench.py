@@ -50,8 +50,7 @@ from ..eval.common import EvalResult
 from ..files import atomic_write
 from ..runtime import init_distributed, pick_device
 from .bench_data import GQA_IMAGES
-from .model import load_llava, square
-from .text import IMAGE, chat_prompt
+from .model import load_llava, reply
 
 try:
     import datasets
@@ -122,7 +121,6 @@ class EupeLlava(lmms):
         self.pretrained = str(pretrained)
         self.model, self.processor = load_llava(pretrained, dtype=dtype)
         self.model.to(self._device)
-        self.image_dtype = next(self.model.model.vision_tower.parameters()).dtype
         self.tokenizer = self.processor.tokenizer
         self.max_new_tokens = max_new_tokens  # a cap on every request (smoke tests); None: the task's
 
@@ -148,32 +146,18 @@ class EupeLlava(lmms):
         max_new = int(kw.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         if self.max_new_tokens:
             max_new = min(max_new, int(self.max_new_tokens))
-        images = [square(image) for image in images or []]
-        if len(images) > 1 and IMAGE not in question:
-            question = f"{IMAGE}\n" * len(images) + question
-        prompt = chat_prompt(question, image=bool(images))
-        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt").to(self._device)
-        if "pixel_values" in inputs:  # the encoder's dtype, which may differ from the language model's
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.image_dtype)
-        tok = self.tokenizer
-        options: dict[str, Any] = dict(
+        temperature = float(kw.get("temperature") or 0.0)  # no paper task samples; as lmms-eval's llava_hf
+        return reply(
+            self.model,
+            self.processor,
+            question,
+            images,
             max_new_tokens=max_new,
+            until=until,
             num_beams=int(kw.get("num_beams") or 1),
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            do_sample=False,
+            temperature=temperature,
+            top_p=kw.get("top_p"),
         )
-        temperature = float(kw.get("temperature") or 0.0)
-        if temperature > 0:  # no paper task asks for sampling; honoured like lmms-eval's llava_hf
-            options.update(do_sample=True, temperature=temperature, top_p=kw.get("top_p"))
-        if until:
-            options.update(stop_strings=until, tokenizer=tok)
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, **options)
-        text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for stop in until:
-            text = text.split(stop)[0]
-        return text.strip()
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         raise NotImplementedError(

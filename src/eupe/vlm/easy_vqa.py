@@ -30,9 +30,11 @@ import torch
 
 from ..errors import ConfigError
 from ..files import atomic_write, write_atomic_dir
+from .text import IMAGE
 
 INSTRUCTION = "Answer the question using a single word or phrase."
 KINDS = {"yes": "yes/no", "no": "yes/no", "circle": "shape", "rectangle": "shape", "triangle": "shape"}
+KINDS_ORDER = ("yes/no", "shape", "color")  # as results.json and the report list them
 BASELINES = ("random_vitt16", "pixels")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,6 +75,11 @@ def subset(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]
     return random.Random(seed).sample(rows, n)
 
 
+def question_text(question: str) -> str:
+    """A question as training records and scoring both pose it: image first, then the instruction."""
+    return f"{IMAGE}\n{question}\n{INSTRUCTION}"
+
+
 def to_llava(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """LLaVA conversation records, image first as LLaVA-1.5's instruction data has it."""
     return [
@@ -80,7 +87,7 @@ def to_llava(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "id": str(k),
             "image": r["image"],
             "conversations": [
-                {"from": "human", "value": f"<image>\n{r['question']}\n{INSTRUCTION}"},
+                {"from": "human", "value": question_text(r["question"])},
                 {"from": "gpt", "value": r["answer"]},
             ],
         }
@@ -104,7 +111,7 @@ def majority_baseline(train: list[dict], test: list[dict], by_kind: bool = False
         best = Counter(r["answer"] for r in train).most_common(1)[0][0]
         return sum(r["answer"] == best for r in test) / max(len(test), 1)
     scores = {}
-    for k in ("yes/no", "shape", "color"):
+    for k in KINDS_ORDER:
         rows = [r for r in test if r["kind"] == k]
         answers = Counter(r["answer"] for r in train if r["kind"] == k)
         best = answers.most_common(1)[0][0] if answers else None
@@ -139,9 +146,10 @@ def smollm2_folder(cache: str | os.PathLike) -> Path:
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     # a model read from GGUF carries its dequantiser; `save_pretrained` refuses it until cleared
     model.hf_quantizer = None
-    for attr in ("quantization_method", "is_quantized"):
-        if hasattr(model, attr):
-            setattr(model, attr, None if attr == "quantization_method" else False)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
     model.config.__dict__.pop("quantization_config", None)
     write_atomic_dir(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return folder

@@ -32,7 +32,7 @@ from transformers.models.llava import modeling_llava
 
 from ..errors import CheckpointError, ConfigError
 from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .text import IMAGE, byte_tokenizer, prepare_tokenizer, sentencepiece_compat
+from .text import IMAGE, byte_tokenizer, chat_prompt, prepare_tokenizer, sentencepiece_compat
 
 
 def prefix_tokens(vision_config: Any) -> int:
@@ -318,3 +318,48 @@ def square(image: Image.Image, fill: tuple[float, ...] = IMAGENET_MEAN) -> Image
     out = Image.new("RGB", (side, side), tuple(int(round(255 * c)) for c in fill))
     out.paste(image, ((side - w) // 2, (side - h) // 2))
     return out
+
+
+def reply(
+    model: Any,
+    processor: Any,
+    question: str,
+    images: list[Image.Image],
+    *,
+    max_new_tokens: int,
+    until: list[str] | tuple[str, ...] = (),
+    num_beams: int = 1,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+) -> str:
+    """The model's answer to one question about `images` (PIL), in the prompt training used.
+
+    Images are padded to a square (`square`); several images without `<image>` markers get one each
+    in front. Greedy unless `temperature` > 0; the answer is cut at the first of `until`.
+    """
+    images = [square(image) for image in images or []]
+    if len(images) > 1 and IMAGE not in question:
+        question = f"{IMAGE}\n" * len(images) + question
+    prompt = chat_prompt(question, image=bool(images))
+    device = next(model.parameters()).device
+    inputs = processor(text=prompt, images=images or None, return_tensors="pt").to(device)
+    if "pixel_values" in inputs:  # the encoder's dtype, which may differ from the language model's
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.model.vision_tower.parameters()).dtype)
+    tok = processor.tokenizer
+    options: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        do_sample=False,
+    )
+    if temperature > 0:
+        options.update(do_sample=True, temperature=temperature, top_p=top_p)
+    if until:
+        options.update(stop_strings=list(until), tokenizer=tok)
+    with torch.inference_mode():
+        out = model.generate(**inputs, **options)
+    text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    for stop in until:
+        text = text.split(stop)[0]
+    return text.strip()

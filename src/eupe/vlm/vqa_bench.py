@@ -29,11 +29,8 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from ..files import atomic_write
 from . import easy_vqa as ev
-from .model import load_llava, square
-from .text import IMAGE, chat_prompt
+from .model import load_llava, reply
 from .train import StageConfig, TrainerConfig, VlmConfig, train_vlm
-
-KIND_ORDER = ("yes/no", "shape", "color")
 
 
 @dataclass
@@ -61,11 +58,6 @@ def normalize(text: str) -> str:
     return re.sub(r"[.!]+$", "", text.strip().lower()).strip()
 
 
-def question_text(question: str) -> str:
-    """The scored question as the training records hold it (image first, then the instruction)."""
-    return f"{IMAGE}\n{question}\n{ev.INSTRUCTION}"
-
-
 def train_config(encoder: str, run: Path, lm: Path, data: Path, root: Path, s: BenchSettings) -> VlmConfig:
     stage = dict(data=str(data), images=str(root), style="vicuna_v1", batch_size=s.batch_size, epochs=1.0)
     return VlmConfig(
@@ -86,35 +78,25 @@ def score(final: str | Path, rows: list[dict], root: Path, max_new_tokens: int) 
     """Greedy answers of the LLaVA folder `final` to `rows`: exact-match accuracy, overall and by kind."""
     model, processor = load_llava(final, dtype=torch.float32)
     model.eval()
-    tok = processor.tokenizer
     answers, start = [], time.perf_counter()
     for r in tqdm(rows, desc=f"score {Path(final).parent.name}", leave=False):
-        image = square(Image.open(root / r["image"]).convert("RGB"))
-        inputs = processor(
-            text=chat_prompt(question_text(r["question"])), images=[image], return_tensors="pt"
+        image = Image.open(root / r["image"]).convert("RGB")
+        answers.append(
+            reply(model, processor, ev.question_text(r["question"]), [image], max_new_tokens=max_new_tokens)
         )
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-        answers.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     hits = [normalize(a) == r["answer"] for a, r in zip(answers, rows)]
     by_kind = {
         k: sum(h for h, r in zip(hits, rows) if r["kind"] == k) / max(sum(r["kind"] == k for r in rows), 1)
-        for k in KIND_ORDER
+        for k in ev.KINDS_ORDER
     }
     return {
         "accuracy": sum(hits) / len(rows),
         "by_kind": by_kind,
         "questions": len(rows),
         "score_seconds": time.perf_counter() - start,
-        "samples": [
-            {"question": r["question"], "answer": r["answer"], "reply": a} for r, a in zip(rows, answers)
-        ][:20],
+        "samples": [  # the first 20, to see what the model says
+            {"question": r["question"], "answer": r["answer"], "reply": a} for r, a in zip(rows[:20], answers)
+        ],
     }
 
 
@@ -173,11 +155,11 @@ def format_table(results: dict[str, Any]) -> str:
         "| encoder | accuracy | yes/no | shape | color | seconds |",
         "|---|---|---|---|---|---|",
         f"| majority answer | {results['baseline_majority']:.3f} | "
-        + " | ".join(f"{results['baseline_majority_by_kind'][k]:.3f}" for k in KIND_ORDER)
+        + " | ".join(f"{results['baseline_majority_by_kind'][k]:.3f}" for k in ev.KINDS_ORDER)
         + " | |",
     ]
     for name, e in results["encoders"].items():
-        kinds = " | ".join(f"{e['by_kind'][k]:.3f}" for k in KIND_ORDER)
+        kinds = " | ".join(f"{e['by_kind'][k]:.3f}" for k in ev.KINDS_ORDER)
         lines.append(f"| {name} | {e['accuracy']:.3f} | {kinds} | {e['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -190,8 +172,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
     names = list(results["encoders"])
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.2))
-    width = 0.8 / (len(KIND_ORDER) + 1)
-    for j, k in enumerate(("accuracy", *KIND_ORDER)):
+    width = 0.8 / (len(ev.KINDS_ORDER) + 1)
+    for j, k in enumerate(("accuracy", *ev.KINDS_ORDER)):
         values = [results["encoders"][n]["accuracy" if k == "accuracy" else "by_kind"] for n in names]
         values = [v if k == "accuracy" else v[k] for v in values]
         ax.bar([i + j * width for i in range(len(names))], values, width, label=k)
