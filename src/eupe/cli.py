@@ -536,9 +536,23 @@ def _cmd_demo(sub: argparse._SubParsersAction) -> None:
         eupe demo --output-dir demo-output  # headline run, 3 seeds: report.md + results.json
         eupe demo --seeds 1                 # one seed (faster; no spread)
         eupe demo --sweep --output-dir sw   # both routes at 1x/2x/4x the student steps: sweep.md + sweep.png
+        eupe demo --sweep --proxy-dir pb    # ... and EUPE students from the proxy at 1/8 .. 1/1 of its build
+        eupe demo --search --output-dir se  # both routes' lr x head width, on validation sets: search.md
+        eupe demo build-proxy --output-dir pb --hours 1.5   # retrain the shipped proxy (Stage 1)
     """,
     )
     p.add_argument("--quick", action="store_true", help="same pipeline on less data and fewer steps")
+    p.add_argument(
+        "--proxy-dir",
+        metavar="DIR",
+        help="use the proxy built by `eupe demo build-proxy --output-dir DIR` (default: the shipped one); "
+        "--sweep then also trains EUPE students from its 1/8, 1/4 and 1/2 checkpoints",
+    )
+    p.add_argument(
+        "--train-proxy",
+        action="store_true",
+        help="build the proxy inside the run (<output-dir>/proxy; hours at full size) instead of the shipped one",
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -551,23 +565,75 @@ def _cmd_demo(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train both routes at each budget of demo.sweep (not the headline run)",
     )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="train both routes at every lr x head width of demo.search_* and score them on validation "
+        "sets (search.md); the configs' per-route settings come from this",
+    )
     p.add_argument("--output-dir", default="demo-output", help="where the run goes (default: ./demo-output)")
     p.set_defaults(run=_run_demo)
+    b = _parser(
+        p.add_subparsers(dest="demo_command", metavar="build-proxy"),
+        "build-proxy",
+        "train the demo's proxy (Stage 1) at length: the files that ship in eupe/demo/proxy/",
+        """
+        eupe demo build-proxy --output-dir proxy-build --hours 1.5   # as many steps as 1.5 h allow
+        eupe demo build-proxy --output-dir proxy-build --steps 4000  # a fixed length (build.json's)
+        eupe demo build-proxy --output-dir proxy-build               # resume a killed build
+    """,
+    )
+    b.add_argument(
+        "--output-dir", default="proxy-build", help="where the build goes (default: ./proxy-build)"
+    )
+    length = b.add_mutually_exclusive_group()
+    length.add_argument(
+        "--hours", type=float, help="train as many steps as H hours allow (step time measured first)"
+    )
+    length.add_argument(
+        "--steps", type=int, help="train N optimizer steps (default: stages.stage1's max_steps)"
+    )
+    b.add_argument("--seed", type=int, help="Stage 1's seed (default: the config's)")
+    b.add_argument("--depth", type=int, help="the proxy's number of blocks (default: the config's)")
+    b.add_argument("--quick", action="store_true", help="configs/demo/quick.yaml: a tiny build, for tests")
+    b.set_defaults(run=_run_build_proxy)
+
+
+def _run_build_proxy(args: argparse.Namespace) -> int:
+    from .demo.proxy_build import build_proxy
+
+    command = "eupe demo build-proxy " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else ""
+    build = build_proxy(
+        args.output_dir, steps=args.steps, hours=args.hours, seed=args.seed, depth=args.depth,
+        quick=args.quick, command=command.strip(),
+    )  # fmt: skip
+    scores = " / ".join(f"{build['scores'][k]:.3f}" for k in ("knn", "text_iou", "pck"))
+    print(
+        f"proxy: {build['steps']} steps, {build['cpu_seconds'] / 3600:.2f} CPU h; kNN / text IoU / PCK {scores}"
+    )
+    print(f"files: {args.output_dir}/ ({', '.join(build['sha256'])}, build.json)")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import run_demo
     from .demo.report import format_table, headline, sweep_table
 
-    results = run_demo(args.output_dir, quick=args.quick, seeds=args.seeds, sweep=args.sweep)
+    results = run_demo(
+        args.output_dir, quick=args.quick, seeds=args.seeds, sweep=args.sweep, search=args.search,
+        proxy_dir=args.proxy_dir, train_proxy=args.train_proxy,
+    )  # fmt: skip
     out = Path(args.output_dir)
+    if args.search:
+        print((out / "search.md").read_text())
+        return 0
     if args.sweep:
         print(sweep_table(results))
         print(f"total {results['timings_s']['total']:.0f} s; report: {out}/sweep.md, {out}/sweep.png")
         return 0
     details = json.loads((out / "details.json").read_text())
     print("\n".join(headline(details["models"], details["spread"], details["student"])))
-    print(format_table(details["models"], details["spread"]))
+    print(format_table(details["models"], details["spread"], details["resolution"]))
     print(f"total {results['timings_s']['total']:.0f} s; report: {out}/report.md")
     return 0
 
