@@ -59,8 +59,8 @@ def test_stage_configs_are_distill_configs_of_the_recipe(tmp_path: Path):
         assert (source.type, source.path) == ("views", str(views))
         assert tuple(c.data.augment.crop_scale) == (1.0, 1.0) and c.data.augment.flip_p == 0.0
         assert c.train.threads == s.threads == 1 and c.train.device == "cpu"
-    assert cfgs["stage1"].students["student"].name == "eupe_vits16"  # with 3 blocks (overrides)
-    assert cfgs["stage1"].students["student"].overrides == {"depth": 3}
+    assert cfgs["stage1"].students["student"].name == "eupe_vits16"  # with 6 blocks (overrides)
+    assert cfgs["stage1"].students["student"].overrides == {"depth": 6}
     assert cfgs["stage2"].students["student"].mimetic_init
 
 
@@ -85,9 +85,22 @@ def test_report_table_bolds_the_best_and_checks_the_goals():
     table = format_table(models, spread)
     assert "| teacher_effnet | **0.800** |" in table and "| teacher_ocr | 0.500 | **0.700** |" in table
     assert "| eupe_vitp16 | 0.750 +- 0.020 |" in table
+    sides = {
+        "teacher_effnet": 224,
+        "teacher_ocr": 256,
+        "proxy": 112,
+        "eupe_vitp16": 224,
+        "direct_vitp16": 112,
+    }
+    assert "| proxy | 112 | 0.500 |" in format_table(models, spread, sides)
     lines = claim_check(models, "vitp16")
     assert ">= 60%: yes" in lines[0] and ">= 60%: no" in lines[1]  # 0.4 / 0.7 = 57%
-    assert lines[-1].startswith("- EUPE route >= direct on the mean: yes") and "better on 2/3" in lines[-1]
+    mean_line = next(x for x in lines if x.startswith("- EUPE route >= direct on the mean"))
+    assert "deviation (0.000): yes" in mean_line and "better on 2/3" in mean_line
+    # the EUPE lead on the mean (0.583 vs 0.500) within one seed standard deviation is no win
+    spread_line = next(x for x in claim_check(models, "vitp16", {"eupe_vitp16": 0.1}) if "on the mean" in x)
+    assert "deviation (0.100): no" in spread_line
+    assert lines[-1] == "- The proxy above the direct student on at least two benchmarks: no (none)"
     spreads = {n: dict.fromkeys(row, 0.01) for n in models}
     first = headline(models, spreads, "vitp16")[0]
     assert first == "- k-NN: EUPE route 0.750 +- 0.010 vs direct 0.500 +- 0.010 (EUPE ahead by 0.250)."

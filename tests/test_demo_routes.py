@@ -67,15 +67,23 @@ def test_a_run_is_claimed_by_one_process_only(tmp_path: Path):
 def test_finish_sweep_aggregates_budgets_and_routes_into_json_table_and_plot(tmp_path: Path):
     _, blocks = load_demo(quick=True)
     s = DemoSettings(sweep=(1, 2))
-    runs = plan_runs(2, list(s.sweep))
+    runs = plan_runs(2, list(s.sweep), ["1_2"])
+    assert [r.folder for r in runs if r.proxy] == ["sweep/proxy_1_2/seed_0", "sweep/proxy_1_2/seed_1"]
     per_run = {}
-    for r in runs:  # made-up scores: the EUPE route gains more from budget
-        base = 0.2 + 0.05 * r.budget * (2 if r.route == "eupe" else 1) + 0.01 * r.seed
+    for r in runs:  # made-up scores: the EUPE route gains more from budget, less from a half-trained proxy
+        base = 0.2 + 0.05 * r.budget * (2 if r.route == "eupe" else 1) + 0.01 * r.seed - 0.1 * bool(r.proxy)
         scores = {"knn": base, "text_iou": base / 2, "pck": base + 0.1, "pck_warps": base, "pck_graf": base}
-        per_run[(r.route, r.budget, r.seed)] = {"cpu_s": 10.0 * r.budget, "scores": scores}
+        per_run[r] = {"cpu_s": 10.0 * r.budget, "scores": scores}
     row = {"knn": 0.7, "text_iou": 0.6, "pck": 0.5, "pck_warps": 0.5, "pck_graf": 0.5}
+    half = {**row, "knn": 0.3}
+    proxy = {
+        "scores": row,
+        "budgets": {"1_2": half},
+        "record": {"source": "trained"},
+        "steps": {"1_2": 8, "1": 16},
+    }
     sweep = sweep_results(
-        tmp_path, list(s.sweep), blocks, runs, per_run, {"teacher_a": row}, row, {}, 0.0, {"cpu": "x"}
+        tmp_path, list(s.sweep), blocks, runs, per_run, {"teacher_a": row}, proxy, {}, 0.0, {"cpu": "x"}
     )
     steps = blocks["stage2"]["train"]["max_steps"] + blocks["stage3"]["train"]["max_steps"]
     assert sweep["student_steps"] == {"1": steps, "2": 2 * steps} and sweep["seeds"] == [0, 1]
@@ -89,3 +97,54 @@ def test_finish_sweep_aggregates_budgets_and_routes_into_json_table_and_plot(tmp
     table = sweep_table(sweep)
     assert f"| 2x | {2 * steps} | eupe | 0.405 +- 0.007 |" in table
     assert "sweep.png" in (tmp_path / "sweep.md").read_text()
+    # the proxy's own budget: the EUPE runs from each checkpoint, and the finished proxy's 1x runs
+    budgets = sweep["proxy_budgets"]
+    assert list(budgets) == ["1_2", "1"] and budgets["1_2"]["proxy_steps"] == 8
+    assert budgets["1_2"]["mean"]["knn"] == pytest.approx(0.205) and budgets["1"]["mean"][
+        "knn"
+    ] == pytest.approx(0.305)
+    assert budgets["1_2"]["proxy_scores"]["knn"] == 0.3 and budgets["1"]["proxy_scores"]["knn"] == 0.7
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 1/2 | 8 | 0.300 / 0.600 / 0.500 | 0.205 +- 0.007 |" in md
+    assert (tmp_path / "sweep_proxy.png").stat().st_size > 10_000
+
+
+def test_search_gives_both_routes_the_same_grid_and_picks_each_routes_best(tmp_path: Path):
+    from eupe.demo.report import search_results
+    from eupe.demo.routes import plan_search
+
+    _, blocks = load_demo(quick=True)
+    runs = plan_search([1e-3, 2e-3], [128, 256])
+    assert len(runs) == 8 and {(r.lr, r.head) for r in runs if r.route == "direct"} == {
+        (r.lr, r.head) for r in runs if r.route == "eupe"
+    }
+    block = stage_block(blocks, "stage2", runs[-1])  # the lr moves the cosine floor with it
+    assert (block["train"]["lr"], block["heads"]["hidden_dim"]) == (2e-3, 256)
+    assert block["train"]["min_lr"] == pytest.approx(2 * blocks["stage2"]["train"]["min_lr"])
+    per_run = {}
+    for r in runs:  # made-up: the direct route likes the high lr, the EUPE route the low one
+        good = (r.lr == 2e-3) == (r.route == "direct")
+        v = 0.3 + 0.1 * good + 0.01 * (r.head == 256)
+        per_run[r] = {
+            "cpu_s": 5.0,
+            "scores": {"knn": v, "text_iou": v, "pck": v, "pck_warps": v, "pck_graf": v},
+        }
+    search = search_results(tmp_path, runs, per_run, blocks, {"source": "shipped"}, {}, 0.0, {})
+    assert search["routes"]["direct"]["chosen"] == {"lr": 2e-3, "head": 256}
+    assert search["routes"]["eupe"]["chosen"] == {"lr": 1e-3, "head": 256}
+    md = (tmp_path / "search.md").read_text()
+    assert "| direct | 0.002 | 256 | **0.410** |" in md and "never the benchmark sets" in md
+
+
+def test_validation_sets_share_nothing_with_the_benchmarks():
+    from eupe.demo.assets import make_splits
+    from eupe.demo.pipeline import validation_splits
+
+    splits = make_splits(0)
+    val = validation_splits(splits)
+    assert val.knn_stamps and not {a.file for a in val.knn_stamps} & {a.file for a in splits.knn_stamps}
+    assert {a.label for a in val.knn_stamps} <= set(splits.knn_classes)
+    assert val.heldout_photos and not {a.file for a in val.heldout_photos} & {
+        a.file for a in splits.heldout_photos
+    }
+    assert not any(a.has_text for a in val.heldout_photos)

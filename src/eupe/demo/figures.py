@@ -108,3 +108,28 @@ def sweep_plot(sweep: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def proxy_budget_plot(sweep: dict, path: Path) -> Path:
+    """One panel per benchmark: the EUPE student (1x student steps) and the proxy itself against the
+    proxy's Stage-1 steps (its build checkpoints), the direct route at 1x as a dashed line."""
+    plt = _plt()
+    budgets = sweep["proxy_budgets"]
+    steps = [b["proxy_steps"] for b in budgets.values()]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 3.4), dpi=110)
+    for ax, m in zip(axes, METRICS):
+        ys = [b["mean"][m] for b in budgets.values()]
+        es = [b["spread"][m] for b in budgets.values()]
+        ax.errorbar(steps, ys, yerr=es, marker="o", capsize=3, label="EUPE student")
+        ax.plot(steps, [b["proxy_scores"][m] for b in budgets.values()], marker="s", label="the proxy")
+        ax.axhline(sweep["routes"]["direct"]["1"]["mean"][m], linestyle="--", color="C3", label="direct (1x)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel("the proxy's Stage-1 steps")
+        ax.set_title(LABELS[m], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from ..distill.config import DistillConfig, load_config, read_yaml
 from ..distill.targets import LiveTeachers, PrecomputedTargets
-from ..distill.trainer import Distiller
 from ..errors import ConfigError
 from ..models import create_model
 from . import bench, figures
@@ -48,7 +47,8 @@ from .experts import (
     effnet_teacher_spec,
     ocr_teacher_spec,
 )
-from .report import BENCH_KEYS, METRICS, expert_fit, sweep_results, write_report
+from .proxy_build import ProxyChoice, choose_proxy
+from .report import BENCH_KEYS, METRICS, expert_fit, search_results, sweep_results, write_report
 from .routes import (
     ROUTES,
     Run,
@@ -58,16 +58,24 @@ from .routes import (
     join_child,
     mean_and_spread,
     plan_runs,
+    plan_search,
     read_run,
     run_in_child,
     score_run,
     stage_block,
     train_run,
-    wait_for,
 )
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # configs/demo, linked into the package
 STAGES = ("stage1", "stage2", "stage3", "direct")  # the config blocks under `stages:`
+KEEP_WHOLE = {  # fixed views whose targets exist already: no crop, no flip, no photometric change
+    "crop_scale": [1.0, 1.0],
+    "crop_ratio": [1.0, 1.0],
+    "flip_p": 0.0,
+    "jitter_p": 0.0,
+    "blur_p": 0.0,
+    "solarize_p": 0.0,
+}
 
 
 @dataclass
@@ -78,15 +86,18 @@ class DemoSettings:
     seed: int = 0  # the data (pool, views, benchmark sets); the runs' seeds are 0..seeds-1
     seeds: int = 3  # both routes are trained this many times; results are mean and spread
     sweep: tuple[int, ...] = (1, 2, 4)  # `--sweep`: budgets, as multiples of the student stages' steps
+    search_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # `--search`: both routes' lr x head width grid,
+    search_heads: tuple[int, ...] = (128, 256)  # scored on validation sets disjoint from the benchmarks
     pool_size: int = 800
     pool_side: int = 224
     views_per_image: int = 2
     view_side: int = 224
     effnet_resolution: int = EFFNET_RESOLUTION  # the experts' sides, for targets and benchmarks
     ocr_resolution: int = OCR_RESOLUTION
-    proxy_resolution: int = 112  # the side of the proxy's Stage-2 targets (Stage 3 draws its own)
+    proxy_resolution: int = 112  # the proxy's side: trained, scored, Stage-2 targets (Stage 3 draws)
+    proxy_pool_size: int = 6000  # `eupe demo build-proxy`: composites (the demo's pool is a prefix)
+    proxy_views: int = 2  # `eupe demo build-proxy`: cached augmented views per composite
     threads: int = 1
-    eval_resolution: int = 224  # students' input side in the benchmarks (teachers: their native side)
     bench_side: int = 224  # benchmark images
     knn_k: int = 1
     text_train: int = 64
@@ -112,16 +123,30 @@ def _images_and_regions(text_set: tuple[np.ndarray, np.ndarray, np.ndarray]) -> 
     return images, regions
 
 
-def benchmark_sets(splits: DemoSplits, s: DemoSettings) -> dict[str, Any]:
-    """The held-out benchmark sets (pure functions of the demo seed)."""
-    side = s.bench_side
+def benchmark_sets(splits: DemoSplits, s: DemoSettings, validation: bool = False) -> dict[str, Any]:
+    """The held-out benchmark sets (pure functions of the demo seed), or with `validation` the same
+    kinds of sets from the training pool's material (`validation_splits`), other seeds and no graf
+    pair: what `--search` chooses settings on, never looking at the benchmarks."""
+    if validation:
+        splits = validation_splits(splits)
+    side, seed = s.bench_side, s.seed + (500 if validation else 0)
     return {
         "knn": D.knn_set(splits, side),
-        "text_train": _images_and_regions(D.text_set(splits, s.text_train, seed=s.seed + 1000, size=side)),
-        "text_test": _images_and_regions(D.text_set(splits, s.text_test, seed=s.seed, size=side)),
-        "homography": D.homography_set(splits, s.homographies, s.seed, size=side),
-        "graf": D.graf_pair(320, 256),
+        "text_train": _images_and_regions(D.text_set(splits, s.text_train, seed=seed + 1000, size=side)),
+        "text_test": _images_and_regions(D.text_set(splits, s.text_test, seed=seed, size=side)),
+        "homography": D.homography_set(splits, s.homographies, seed, size=side),
+        "graf": None if validation else D.graf_pair(320, 256),
     }
+
+
+def validation_splits(splits: DemoSplits) -> DemoSplits:
+    """The training pool's material as held-out material: its cut-outs of the kNN classes and its
+    text-free photos (validation sets for `--search`)."""
+    return dataclasses.replace(
+        splits,
+        knn_stamps=tuple(a for a in splits.pool_stamps if a.label in splits.knn_classes),
+        heldout_photos=tuple(a for a in splits.pool_photos if not a.has_text),
+    )
 
 
 def teacher_featurizers(experts: dict[str, Any]) -> dict[str, bench.Featurizer]:
@@ -180,20 +205,14 @@ def stage_config(
     output_dir: Path,
     views: Path,
     teachers: dict[str, Any],
+    augment: dict[str, Any] | None = None,
     **extra: Any,
 ) -> DistillConfig:
     """One stage's distill config: its block of configs/demo/*.yaml plus what this run decides
-    (output folder, the fixed views as data kept whole, the teachers, Stage 3's student.init)."""
+    (output folder, the views as data, by default kept whole, the teachers, Stage 3's student.init)."""
     data = {
         "sources": [{"name": "demo_views", "type": "views", "path": str(views)}],
-        "augment": {
-            "crop_scale": [1.0, 1.0],
-            "crop_ratio": [1.0, 1.0],
-            "flip_p": 0.0,
-            "jitter_p": 0.0,
-            "blur_p": 0.0,
-            "solarize_p": 0.0,
-        },
+        "augment": augment or KEEP_WHOLE,
         "num_workers": 0,
     }
     mapping = OmegaConf.merge(block, {"teachers": teachers, "data": data, **extra})
@@ -214,23 +233,42 @@ def student_label(blocks: dict[str, Any]) -> str:
     return name.removeprefix("eupe_")
 
 
+def trained_side(block: dict[str, Any]) -> int:
+    """The side a stage trains its student at: the top of a pyramid, else the student's resolution
+    (each model is scored at the side it was trained for)."""
+    if block.get("stage") == "pyramid":
+        return int(max(block["pyramid"]))
+    return int(block["student"]["resolution"])
+
+
 def run_demo(
     output_dir: str | os.PathLike = "demo-output",
     *,
     quick: bool = False,
     seeds: int | None = None,
     sweep: bool = False,
+    search: bool = False,
+    proxy_dir: str | os.PathLike | None = None,
+    train_proxy: bool = False,
 ) -> dict[str, Any]:
     """Run the demo into `output_dir`; returns the results.json content (sweep: sweep.json's).
 
     `seeds` (default: the config's `demo.seeds`, 1 for a sweep) trains both routes that many times;
-    `sweep` trains them at each budget of `demo.sweep` instead of the headline run."""
+    `sweep` trains them at each budget of `demo.sweep` instead of the headline run, and EUPE students
+    from the proxy build's 1/8, 1/4 and 1/2 checkpoints where the proxy's build folder has them.
+    The proxy is the shipped one (`eupe/demo/proxy/`, hashes checked), the build in `proxy_dir`,
+    or one built now (`train_proxy`). `search` trains both routes at every (lr, head width) of
+    `demo.search_*` instead and scores them on validation sets (search.json, search.md)."""
+    if sweep and search:
+        raise ConfigError("give --sweep or --search, not both")
     s, blocks = load_demo(quick)
     n_seeds = seeds or (1 if sweep else s.seeds)
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be >= 1; got {n_seeds}")
     out = Path(output_dir)
-    if any((out / f).exists() for f in ("results.json", "sweep.json", "stage1")):
+    if any(
+        (out / f).exists() for f in ("results.json", "sweep.json", "search.json", "seed_0", "sweep", "search")
+    ):
         raise ConfigError(f"output_dir={str(out)!r} already holds a demo run; pick another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=1) + "\n")
@@ -244,52 +282,70 @@ def run_demo(
         timings[name] = round(now - since, 1)
         return now
 
+    # the proxy (Stage 1): trained once for the whole family, shipped with the package
+    t_cpu = time.process_time()
+    proxy = choose_proxy(out, quick=quick, proxy_dir=proxy_dir, train_proxy=train_proxy)
+    t = lap("proxy", t0)
+
     # data: the pool, its views (a `views` data source), the benchmark sets (pure functions of the seed)
     splits = make_splits(s.seed)
     pool = D.training_pool(splits, s.pool_size, s.seed, D.PoolSettings(size=s.pool_side))
     views = D.make_views(pool, s.views_per_image, s.view_side, s.seed)
     views_path = out / "views.safetensors"
     save_file({"views": views}, str(views_path))
-    sets = benchmark_sets(splits, s)
+    sets = benchmark_sets(splits, s, validation=search)
     experts_spec = expert_specs(s, out)
-    stage1 = stage_config(s, blocks["stage1"], out / "stage1", views_path, experts_spec)
-    experts = LiveTeachers(stage1, torch.device("cpu")).teachers
-    t = lap("data", t0)
+    direct_cfg = stage_config(s, blocks["direct"], out / "direct", views_path, experts_spec)
+    experts = LiveTeachers(direct_cfg, torch.device("cpu")).teachers
+    t = lap("data", t)
 
     # the experts run once, over every view, at their native sides (one per core)
     expert_targets = expert_targets_on_two_cores(experts, views, out)
     t = lap("expert_targets", t)
 
-    runs = plan_runs(n_seeds, list(s.sweep) if sweep else None)
-    final = str(out / "stage1" / "final")
-    proxy_spec = {"proxy": {"backend": "eupe", "checkpoint": final, "resolution": s.proxy_resolution}}
+    if search:
+        runs = plan_search(list(s.search_lrs), list(s.search_heads))
+    else:
+        runs = plan_runs(n_seeds, list(s.sweep) if sweep else None, list(proxy.budgets) if sweep else [])
+    proxies = {"": proxy.folder, **proxy.budgets}
+    sides = {"eupe": trained_side(blocks["stage3"]), "direct": trained_side(blocks["direct"])}
 
     def configure(run: Run, stage: str, progress: bool = True) -> DistillConfig:
         extra: dict[str, Any] = {"train": {"progress": progress}}
         if stage == "stage3":  # Stage 3 continues Stage 2's student (and its heads)
             extra["student"] = {"init": str(out / run.folder / "stage2" / "final")}
-        teachers = experts_spec if stage == "direct" else proxy_spec
+        teachers = experts_spec if stage == "direct" else {
+            "proxy": {"backend": "eupe", "checkpoint": str(proxies[run.proxy]), "resolution": s.proxy_resolution}
+        }  # fmt: skip
         return stage_config(
             s, stage_block(blocks, stage, run), out / run.folder / stage, views_path, teachers, **extra
         )
 
-    def score(model: torch.nn.Module) -> dict[str, float]:
-        return evaluate(bench.encoder_featurizer(model, s.eval_resolution), sets, s)
+    def score(model: torch.nn.Module, side: int) -> dict[str, float]:
+        return evaluate(bench.encoder_featurizer(model, side), sets, s)
 
-    ready = out / "proxy.ready"  # written once Stage 1 has finished
+    def score_route(run: Run) -> None:
+        score_run(run, out, lambda model: score(model, sides[run.route]))
+        if run.route == "direct" and not (sweep or search):  # also at the EUPE student's side, for comparison
+            score_run(run, out, lambda model: score(model, sides["eupe"]), key="scores_at_eupe_side")
 
-    def proxy_targets() -> PrecomputedTargets:
-        """The trained proxy over every view, once per process (deterministic: both get the same)."""
-        proxy = LiveTeachers(configure(runs[0], "stage2"), torch.device("cpu"))
-        return PrecomputedTargets.compute(proxy.teachers, views, progress=False)
+    targets: dict[str, PrecomputedTargets] = {}
 
-    def eupe_runs(targets: PrecomputedTargets | None, progress: bool) -> None:
+    def proxy_targets(key: str) -> PrecomputedTargets:
+        """A proxy over every view at its side, once per process (deterministic: both get the same)."""
+        if key not in targets:
+            run = next(r for r in runs if r.route == "eupe" and r.proxy == key)
+            live = LiveTeachers(configure(run, "stage2"), torch.device("cpu"))
+            targets[key] = PrecomputedTargets.compute(live.teachers, views, progress=False)
+        return targets[key]
+
+    def eupe_runs(progress: bool) -> None:
         """Every EUPE run that no other process has claimed."""
         for run in (r for r in runs if r.route == "eupe"):
             if claim(run, out):
-                targets = targets or proxy_targets()
-                train_run(run, out, lambda r, st: configure(r, st, progress), {"stage2": targets})
-                score_run(run, out, score)
+                sources = {"stage2": proxy_targets(run.proxy)}
+                train_run(run, out, lambda r, st: configure(r, st, progress), sources)
+                score_route(run)
 
     def references() -> None:
         """The experts' and the content-free reference's scores, by whichever process is free first."""
@@ -299,26 +355,26 @@ def run_demo(
             (out / "references.json").write_text(json.dumps(refs, indent=1) + "\n")
 
     def second_process() -> None:
-        """The direct runs, then EUPE runs once the proxy exists."""
+        """The direct runs, then the EUPE runs nobody has claimed yet."""
         set_threads(s.threads)
         for run in (r for r in runs if r.route == "direct"):
             claim(run, out)
             train_run(run, out, lambda r, st: configure(r, st, progress=False), {"direct": expert_targets})
-            score_run(run, out, score)
-        wait_for(ready)
-        eupe_runs(None, progress=False)
+            score_route(run)
+        eupe_runs(progress=False)
         references()
 
+    proxy_targets("")  # before the fork: both processes share them
+    timings["proxy_targets_cpu"] = round(time.process_time() - t_cpu, 1)
     child = run_in_child(second_process)
-    t_cpu = time.process_time()
-    Distiller(stage1, source=expert_targets).train()
-    targets = proxy_targets()
-    ready.write_text("proxy ready\n")
-    timings["proxy_cpu"] = round(time.process_time() - t_cpu, 1)  # Stage 1 + the proxy's targets
-    t = lap("stage1_and_proxy_targets", t)
-    eupe_runs(targets, progress=True)
-    proxy_model = create_model(str(out / "stage1" / "final"))
-    proxy_scores = score(proxy_model)
+    eupe_runs(progress=True)
+    proxy_model = create_model(str(proxy.folder))
+    proxy_scores = score(proxy_model, s.proxy_resolution)
+    budget_scores = (
+        {k: score(create_model(str(f)), s.proxy_resolution) for k, f in proxy.budgets.items()}
+        if sweep
+        else {}
+    )
     references()
     t = lap("eupe_runs_and_scores", t)
     with tqdm(total=1, desc="waiting for the second process") as bar:
@@ -326,28 +382,45 @@ def run_demo(
         bar.update(1)
     t = lap("waiting_for_second_process", t)
     teacher_scores = json.loads((out / "references.json").read_text())
-    per_run = {(r.route, r.budget, r.seed): read_run(r, out) for r in runs}
+    per_run = {r: read_run(r, out) for r in runs}
     for route in ROUTES:
         timings[f"{route}_cpu_per_student"] = round(
-            float(np.mean([v["cpu_s"] for (rt, *_), v in per_run.items() if rt == route])), 1
+            float(np.mean([v["cpu_s"] for r, v in per_run.items() if r.route == route and not r.proxy])), 1
         )
+    proxy_record = proxy_summary(proxy)
+    if search:
+        return search_results(out, runs, per_run, blocks, proxy_record, timings, t0, machine)
+    resolutions = {
+        **{f"teacher_{n}": int(e.resolution) for n, e in experts.items()},
+        "baseline_position": s.bench_side,
+        "proxy": s.proxy_resolution,
+    }
     if sweep:
         return sweep_results(
-            out, list(s.sweep), blocks, runs, per_run, teacher_scores, proxy_scores, timings, t0, machine
-        )
+            out, list(s.sweep), blocks, runs, per_run, teacher_scores,
+            {"scores": proxy_scores, "budgets": budget_scores, "record": proxy_record, "steps": _budget_steps(proxy)},
+            timings, t0, machine,
+        )  # fmt: skip
 
     label = student_label(blocks)
     scores: dict[str, dict[str, float]] = {**teacher_scores, "proxy": proxy_scores}
     spreads: dict[str, dict[str, float]] = {n: dict.fromkeys(BENCH_KEYS, 0.0) for n in scores}
     for route in ROUTES:
-        rows = [per_run[(route, 1, k)]["scores"] for k in range(n_seeds)]
+        rows = [per_run[r]["scores"] for r in runs if r.route == route]
         scores[f"{route}_{label}"], spreads[f"{route}_{label}"] = mean_and_spread(rows)
+        resolutions[f"{route}_{label}"] = sides[route]
+    same_side = [per_run[r]["scores_at_eupe_side"] for r in runs if r.route == "direct"]
+    direct_same_side = dict(zip(("mean", "spread"), mean_and_spread(same_side)), resolution=sides["eupe"])
+    mean3 = {  # each seed's mean of the three benchmarks, per route: its spread judges the claim
+        route: [float(np.mean([per_run[r]["scores"][m] for m in METRICS])) for r in runs if r.route == route]
+        for route in ROUTES
+    }
     seed0 = out / runs[0].folder
     direct = create_model(str(seed0 / "direct" / "final"))
     generalization = expert_fit(
         {
-            "proxy": (proxy_model, stage1.students["student"].resolution, out / "stage1"),
-            f"direct_{label}": (direct, blocks["direct"]["student"]["resolution"], seed0 / "direct"),
+            "proxy": (proxy_model, s.proxy_resolution, proxy.folder),
+            f"direct_{label}": (direct, sides["direct"], seed0 / "direct" / "final"),
         },
         experts,
         expert_targets.norm,
@@ -359,7 +432,7 @@ def run_demo(
     )
     t = lap("expert_fit", t)
     runs_dirs = {
-        "stage1 (proxy)": out / "stage1",
+        **({"stage1 (proxy)": proxy.run} if proxy.run is not None else {}),
         "stage2 (seed 0)": seed0 / "stage2",
         "stage3 (seed 0)": seed0 / "stage3",
         "direct (seed 0)": seed0 / "direct",
@@ -368,11 +441,11 @@ def run_demo(
     figures.radar({n: {m: r[m] for m in METRICS} for n, r in scores.items()}, out / "radar.png")
     featurizers = {
         **teacher_featurizers(experts),
-        "proxy": bench.encoder_featurizer(proxy_model, s.eval_resolution),
+        "proxy": bench.encoder_featurizer(proxy_model, s.proxy_resolution),
         "eupe (seed 0)": bench.encoder_featurizer(
-            create_model(str(seed0 / "stage3" / "final")), s.eval_resolution
+            create_model(str(seed0 / "stage3" / "final")), sides["eupe"]
         ),
-        "direct (seed 0)": bench.encoder_featurizer(direct, s.eval_resolution),
+        "direct (seed 0)": bench.encoder_featurizer(direct, sides["direct"]),
     }
     pca_images = np.stack(
         [sets["text_test"][0][0], sets["text_test"][0][1], sets["knn"][0][0], sets["homography"][0][0]]
@@ -382,24 +455,41 @@ def run_demo(
     timings["total"] = round(time.perf_counter() - t0, 1)
     results = {
         "models": {
-            n: {**{m: r[m] for m in METRICS}, "spread": {m: spreads[n][m] for m in METRICS}}
+            n: {
+                **{m: r[m] for m in METRICS},
+                "spread": {m: spreads[n][m] for m in METRICS},
+                "resolution": resolutions[n],
+            }
             for n, r in scores.items()
         },
         "seeds": list(range(n_seeds)),
+        "proxy": proxy_record,
         "timings_s": timings,
         "machine": machine,
     }
     details = {
         "models": scores,
         "spread": spreads,
-        "per_seed": {f"{rt}_{label}/seed_{k}": v for (rt, _b, k), v in per_run.items()},
+        "resolution": resolutions,
+        "per_seed": {f"{r.route}_{label}/seed_{r.seed}": v for r, v in per_run.items()},
         "student": label,
+        "mean_of_three": {
+            f"{rt}_{label}": {"per_seed": v, "spread": mean_and_spread([{"m": x} for x in v])[1]["m"]}
+            for rt, v in mean3.items()
+        },
+        f"direct_{label}_at_{sides['eupe']}": direct_same_side,
+        "proxy_build": proxy.build,
+        "search": json.loads((CONFIGS / "search.json").read_text())
+        if (CONFIGS / "search.json").is_file()
+        else None,
         "expert_fit": generalization,
         "fit_summary_runs": {n: str(p) for n, p in runs_dirs.items()},
         "settings": {
             "demo": dataclasses.asdict(s),
             "stages": {
-                n: OmegaConf.to_container(OmegaConf.load(p / "config.yaml")) for n, p in runs_dirs.items()
+                n: OmegaConf.to_container(OmegaConf.load(p / "config.yaml"))
+                for n, p in runs_dirs.items()
+                if (p / "config.yaml").is_file()
             },
         },
         "quick": quick,
@@ -408,3 +498,21 @@ def run_demo(
     (out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
     write_report(out, results, details)
     return results
+
+
+def proxy_summary(proxy: ProxyChoice) -> dict[str, Any]:
+    """results.json's `proxy`: where it came from, its one-off CPU cost and its files' hashes."""
+    return {
+        "source": proxy.source,
+        "folder": str(proxy.folder),
+        "cpu_seconds": proxy.build["cpu_seconds"],
+        "steps": proxy.build["steps"],
+        "command": proxy.build["command"],
+        "sha256": proxy.build["sha256"],
+    }
+
+
+def _budget_steps(proxy: ProxyChoice) -> dict[str, int]:
+    """The proxy's training steps at each of its checkpoints, and at the end ("1")."""
+    steps = {n: int(b["steps"]) for n, b in proxy.build.get("budgets", {}).items() if n in proxy.budgets}
+    return {**steps, "1": int(proxy.build["steps"])}

@@ -24,15 +24,18 @@ GOAL = 0.6  # the demo's target: the EUPE student reaches 60% of the best expert
 
 
 def format_table(
-    models: dict[str, dict[str, float]], spreads: dict[str, dict[str, float]] | None = None
+    models: dict[str, dict[str, float]],
+    spreads: dict[str, dict[str, float]] | None = None,
+    sides: dict[str, int] | None = None,
 ) -> str:
     """The results table as markdown, best of each column in bold, "mean +- std" where a model has
-    a spread over seeds."""
+    a spread over seeds, and the side each model was scored at (`sides`, where given)."""
     cols = BENCH_KEYS
     best = {m: max(r[m] for r in models.values()) for m in cols}
+    side = "| side px " if sides else ""
     lines = [
-        "| model | kNN acc | text IoU | PCK@0.1 (pooled) | PCK warps | PCK graf1->3 |",
-        "|---|---|---|---|---|---|",
+        f"| model {side}| kNN acc | text IoU | PCK@0.1 (pooled) | PCK warps | PCK graf1->3 |",
+        "|---|---|---|---|---|---|" + ("---|" if sides else ""),
     ]
     for name, r in models.items():
         cells = []
@@ -41,7 +44,8 @@ def format_table(
             sd = (spreads or {}).get(name, {}).get(m, 0.0)
             cell += f" +- {sd:.3f}" if sd else ""
             cells.append(f"**{cell}**" if r[m] == best[m] else cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        first = f"| {name} | {sides[name]} | " if sides else f"| {name} | "
+        lines.append(first + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -63,9 +67,12 @@ def headline(
     return lines
 
 
-def claim_check(models: dict[str, dict[str, float]], student: str) -> list[str]:
+def claim_check(
+    models: dict[str, dict[str, float]], student: str, mean_spread: dict[str, float] | None = None
+) -> list[str]:
     """The demo's goals as lines: the EUPE student vs the best expert on each benchmark (>= 60%),
-    and the EUPE route vs the direct route on the mean of the three."""
+    and the EUPE route vs the direct route on the mean of the three, by more than one standard
+    deviation of either route's seed spread of that mean (`mean_spread`, by model name)."""
     eupe, direct = models[f"eupe_{student}"], models[f"direct_{student}"]
     teachers = [r for n, r in models.items() if n.startswith("teacher_")]
     lines = []
@@ -88,11 +95,34 @@ def claim_check(models: dict[str, dict[str, float]], student: str) -> list[str]:
     wins = sum(eupe[m] > direct[m] for m in METRICS)
     mean_e = float(np.mean([eupe[m] for m in METRICS]))
     mean_d = float(np.mean([direct[m] for m in METRICS]))
-    verdict = "yes" if mean_e >= mean_d else "no"
+    sd = max((mean_spread or {}).get(f"{r}_{student}", 0.0) for r in ROUTES)
+    verdict = "yes" if mean_e - mean_d > sd or (not sd and mean_e >= mean_d) else "no"
     lines.append(
-        f"- EUPE route >= direct on the mean: {verdict} ({mean_e:.3f} vs {mean_d:.3f}; better on {wins}/3)"
+        f"- EUPE route >= direct on the mean, by more than one seed standard deviation ({sd:.3f}): "
+        f"{verdict} ({mean_e:.3f} vs {mean_d:.3f}, difference {mean_e - mean_d:+.3f}; better on {wins}/3)"
     )
+    proxy = models.get("proxy")
+    if proxy is not None:
+        above = [NAMES[m] for m in METRICS if proxy[m] > direct[m]]
+        lines.append(
+            f"- The proxy above the direct student on at least two benchmarks: {'yes' if len(above) >= 2 else 'no'} "
+            f"({', '.join(above) or 'none'})"
+        )
     return lines
+
+
+def same_side_line(details: dict[str, Any], student: str) -> list[str]:
+    """The direct student scored at the EUPE student's side too: how much of the gap is the side."""
+    key = next((k for k in details if k.startswith(f"direct_{student}_at_")), None)
+    if key is None:
+        return []
+    d = details[key]
+    cells = ", ".join(f"{NAMES[m]} {d['mean'][m]:.3f} +- {d['spread'][m]:.3f}" for m in METRICS)
+    mean = float(np.mean([d["mean"][m] for m in METRICS]))
+    return [
+        f"- For comparison, the direct student scored at {d['resolution']} px (the EUPE student's side, "
+        f"which it never trained at): {cells}; mean {mean:.3f}."
+    ]
 
 
 def fit_summary(runs: dict[str, Path], last: int = 10) -> list[str]:
@@ -134,8 +164,9 @@ def expert_fit(
     norm: Any,
     image_sets: dict[str, torch.Tensor],
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """students[name] = (model, training side, stage folder): how well its adapter heads predict each
-    expert on training views vs held-out images (`heldout_cosine`), {student: {expert/set: sims}}."""
+    """students[name] = (model, training side, the folder with its heads.safetensors): how well its
+    adapter heads predict each expert on training views vs held-out images (`heldout_cosine`),
+    {student: {expert/set: sims}}."""
     with torch.inference_mode():  # each expert runs once per image set, for every student
         targets = {
             (expert, where): norm.normalize(expert, fn(images))
@@ -144,13 +175,28 @@ def expert_fit(
         }
     fit: dict[str, dict[str, dict[str, float]]] = {}
     for name, (model, side, folder) in students.items():
-        heads = TeacherHeads.load(folder / "final")
+        heads = TeacherHeads.load(folder)
         student = bench.encoder_featurizer(model, side)
         fit[name] = {
             f"{expert}/{where}": heldout_cosine(student(image_sets[where]), heads, y, expert)
             for (expert, where), y in targets.items()
         }
     return fit
+
+
+def proxy_line(proxy: dict[str, Any], timings: dict[str, float]) -> str:
+    """Where the proxy came from and what it cost, beside the per-student costs."""
+    where = (
+        "the proxy shipped with eupe"
+        if proxy["source"] == "shipped"
+        else f"a proxy trained here ({proxy['folder']})"
+    )
+    return (
+        f"The proxy: {where}, {proxy['steps']} Stage-1 steps, built once for the family by `{proxy['command']}` "
+        f"in {proxy['cpu_seconds'] / 3600:.2f} CPU hours (paid once, as the paper pays Stage 1 once per family); "
+        f"one EUPE student then costs {timings.get('eupe_cpu_per_student', float('nan')):.0f} CPU s and one direct "
+        f"student {timings.get('direct_cpu_per_student', float('nan')):.0f} CPU s."
+    )
 
 
 def fit_lines(fit: dict[str, dict[str, dict[str, float]]]) -> list[str]:
@@ -172,11 +218,13 @@ def outlook(models: dict[str, dict[str, float]], student: str) -> list[str]:
     if weak:
         lines.append(
             f"- The proxy is below the direct student on {', '.join(weak)}: Stage 2 can only pass on what "
-            "Stage 1 gave it. A proxy trained longer (it is trained once for a whole family) raises that ceiling."
+            "Stage 1 gave it. A proxy trained longer (it is trained once for a whole family: "
+            "`eupe demo build-proxy --hours H`) raises that ceiling."
         )
     lines += [
         "- More student steps: `eupe demo --sweep` trains both routes at 1x, 2x and 4x this budget and plots "
-        "where they cross (docs/demo.md).",
+        "where they cross; with `--proxy-dir` of a build it also trains EUPE students from the proxy at "
+        "1/8, 1/4 and 1/2 of its training (docs/demo.md).",
         "- More distinct images: the pool holds 340 cut-outs of the kNN classes; each view is seen many "
         "times, so held-out objects are where the students fall short (expert fit, below).",
     ]
@@ -203,19 +251,23 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
         "",
         *headline(models, details["spread"], student),
         "",
-        format_table(models, details["spread"]),
+        format_table(models, details["spread"], details["resolution"]),
         "",
         "kNN: leave-one-out 1-NN (cosine on cls) over held-out Tux Paint cut-outs, 17 categories.",
         "text IoU: linear probe on frozen patch tokens, text-line regions at 56x56.",
         "PCK@0.1: nearest-patch matching on the points the warp moves beyond the threshold, pooled",
         "over random homography warps of held-out photos and graf1->graf3 (also shown apart).",
-        "baseline_position: content-free features (patch position only). Teachers run at their native side, students at "
-        f"{details['settings']['demo']['eval_resolution']} px. The teachers and the proxy are trained or "
-        "run once, so they have no spread.",
+        "baseline_position: content-free features (patch position only). Every model is scored at the side "
+        "it was trained for (`side px`): the experts at their native sides, the proxy at its Stage-1 side, the "
+        "EUPE student at the top of Stage 3's pyramid, the direct student at its training side. The teachers "
+        "and the proxy are trained or run once, so they have no spread.",
+        "",
+        proxy_line(results["proxy"], t),
         "",
         "## Goals",
         "",
-        *claim_check(models, student),
+        *claim_check(models, student, {n: v["spread"] for n, v in details["mean_of_three"].items()}),
+        *same_side_line(details, student),
         "",
         "![radar](radar.png)",
         "",
@@ -223,6 +275,16 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
         "",
         "![loss curves](loss_curves.png)",
         "",
+        *(
+            [
+                "## Tuning (`eupe demo --search`, configs/demo/search.json)",
+                "",
+                *search_lines(details["search"]),
+                "",
+            ]
+            if details.get("search")
+            else []
+        ),
         "## What would change the outcome",
         "",
         *outlook(models, student),
@@ -240,8 +302,9 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
         "## Timings",
         "",
         "Wall-clock seconds per phase (two processes: the second trains the direct runs, then shares",
-        "the EUPE runs), and CPU seconds per route: `proxy_cpu` is Stage 1 plus the proxy's targets,",
-        "paid once and shared by every seed; `<route>_cpu_per_student` is one student's training.",
+        "the EUPE runs), and CPU seconds per route: `proxy_targets_cpu` is the proxy's Stage-2 targets",
+        "(plus its build with --train-proxy), shared by every seed; `<route>_cpu_per_student` is one",
+        "student's training. The proxy's own training is paid once per family (above).",
         "",
         ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
         "",
@@ -282,13 +345,47 @@ def sweep_table(sweep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def proxy_budget_lines(sweep: dict[str, Any]) -> list[str]:
+    """The proxy's own budget: EUPE students (1x student steps) from the proxy's build checkpoints."""
+    budgets = sweep["proxy_budgets"]
+    if not budgets:
+        return [
+            "The proxy's own budget is not swept: the shipped proxy has no build checkpoints. Build one "
+            "(`eupe demo build-proxy --output-dir pb`) and pass `--proxy-dir pb`.",
+            "",
+        ]
+    direct = sweep["routes"]["direct"]["1"]["mean"]
+    lines = [
+        "## The proxy's own budget",
+        "",
+        "EUPE students at 1x student steps, each from the proxy at a checkpoint of its one build "
+        "(the same cosine schedule, stopped early), against the direct route at 1x "
+        f"(kNN / text IoU / PCK {' / '.join(f'{direct[m]:.3f}' for m in METRICS)}, mean "
+        f"{np.mean([direct[m] for m in METRICS]):.3f}):",
+        "",
+        "| proxy checkpoint | proxy steps | proxy kNN / text IoU / PCK | EUPE student kNN | text IoU | PCK@0.1 | mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, b in budgets.items():
+        p = " / ".join(f"{b['proxy_scores'][m]:.3f}" for m in METRICS)
+        cells = [
+            f"{b['mean'][m]:.3f}" + (f" +- {b['spread'][m]:.3f}" if b["spread"][m] else "") for m in METRICS
+        ]
+        mean = float(np.mean([b["mean"][m] for m in METRICS]))
+        label = "1" if name == "1" else name.replace("_", "/")
+        lines.append(f"| {label} | {b['proxy_steps']} | {p} | " + " | ".join(cells) + f" | {mean:.3f} |")
+    return [*lines, "", "![the proxy's budget](sweep_proxy.png)", ""]
+
+
 def write_sweep(out: Path, sweep: dict[str, Any]) -> None:
     """sweep.json, sweep.md (the table) and sweep.png (each benchmark against the budget)."""
-    from .figures import sweep_plot
+    from .figures import proxy_budget_plot, sweep_plot
 
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1) + "\n")
     references = {**sweep["teachers"], "proxy": sweep["proxy"]}
     sweep_plot(sweep, out / "sweep.png")
+    if sweep["proxy_budgets"]:
+        proxy_budget_plot(sweep, out / "sweep_proxy.png")
     lines = [
         "# eupe demo --sweep",
         "",
@@ -302,6 +399,7 @@ def write_sweep(out: Path, sweep: dict[str, Any]) -> None:
         "",
         "![sweep](sweep.png)",
         "",
+        *proxy_budget_lines(sweep),
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in sweep["timings_s"].items()),
         "",
         "Machine: " + ", ".join(f"{k}: {v}" for k, v in sweep["machine"].items()),
@@ -314,30 +412,48 @@ def sweep_results(
     budgets: list[int],
     blocks: dict[str, Any],
     runs: list[Run],
-    per_run: dict[tuple[str, int, int], dict[str, Any]],
+    per_run: dict[Run, dict[str, Any]],
     teachers: dict[str, dict[str, float]],
-    proxy: dict[str, float],
+    proxy: dict[str, Any],
     timings: dict[str, float],
     t0: float,
     machine: dict[str, Any],
 ) -> dict[str, Any]:
-    """Aggregate the sweep's runs (mean and spread over seeds per budget and route), write sweep.json,
-    sweep.md and sweep.png, and return the sweep."""
+    """Aggregate the sweep's runs (mean and spread over seeds per budget and route, and per proxy
+    checkpoint), write sweep.json, sweep.md, sweep.png (and sweep_proxy.png), return the sweep.
+
+    `proxy`: {"scores": the finished proxy's, "budgets": {checkpoint: its scores}, "record":
+    results.json's `proxy`, "steps": {checkpoint or "1": its Stage-1 steps}}."""
     seeds = sorted({r.seed for r in runs})
     steps = {
         str(b): sum(stage_block(blocks, st, Run("eupe", 0, b))["train"]["max_steps"] for st in ROUTES["eupe"])
         for b in budgets
     }
-    routes: dict[str, dict[str, Any]] = {}
-    for route in ROUTES:
-        routes[route] = {}
-        for b in budgets:
-            rows = [per_run[(route, b, k)] for k in seeds]
-            mean, spread = mean_and_spread([r["scores"] for r in rows])
-            routes[route][str(b)] = {
-                "mean": mean,
-                "spread": spread,
-                "cpu_s": float(np.mean([r["cpu_s"] for r in rows])),
+
+    def aggregate(chosen: list[Run]) -> dict[str, Any]:
+        rows = [per_run[r] for r in chosen]
+        mean, spread = mean_and_spread([r["scores"] for r in rows])
+        return {"mean": mean, "spread": spread, "cpu_s": float(np.mean([r["cpu_s"] for r in rows]))}
+
+    routes = {
+        route: {
+            str(b): aggregate([r for r in runs if r.route == route and r.budget == b and not r.proxy])
+            for b in budgets
+        }
+        for route in ROUTES
+    }
+    proxy_budgets: dict[str, Any] = {}
+    if proxy["budgets"]:
+        for name in [*proxy["budgets"], "1"]:
+            chosen = [
+                r
+                for r in runs
+                if r.route == "eupe" and r.budget == 1 and r.proxy == ("" if name == "1" else name)
+            ]
+            proxy_budgets[name] = {
+                "proxy_steps": proxy["steps"][name],
+                "proxy_scores": proxy["scores"] if name == "1" else proxy["budgets"][name],
+                **aggregate(chosen),
             }
     timings["total"] = round(time.perf_counter() - t0, 1)
     sweep = {
@@ -346,9 +462,85 @@ def sweep_results(
         "seeds": seeds,
         "routes": routes,
         "teachers": teachers,
-        "proxy": proxy,
+        "proxy": proxy["scores"],
+        "proxy_build": proxy["record"],
+        "proxy_budgets": proxy_budgets,
         "timings_s": timings,
         "machine": machine,
     }
     write_sweep(out, sweep)
     return sweep
+
+
+def search_results(
+    out: Path,
+    runs: list[Run],
+    per_run: dict[Run, dict[str, Any]],
+    blocks: dict[str, Any],
+    proxy: dict[str, Any],
+    timings: dict[str, float],
+    t0: float,
+    machine: dict[str, Any],
+) -> dict[str, Any]:
+    """`eupe demo --search`: every (lr, head width) of both routes on the validation sets, the best
+    of each route by the mean of the three; writes search.json and search.md, returns the search."""
+    routes: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        rows = {}
+        for r in (r for r in runs if r.route == route):
+            scores = per_run[r]["scores"]
+            rows[f"lr={r.lr:g} head={r.head}"] = {
+                "lr": r.lr,
+                "head": r.head,
+                "scores": {m: scores[m] for m in METRICS},
+                "mean": float(np.mean([scores[m] for m in METRICS])),
+                "cpu_s": per_run[r]["cpu_s"],
+            }
+        best = max(rows, key=lambda k: rows[k]["mean"])
+        routes[route] = {"runs": rows, "chosen": {"lr": rows[best]["lr"], "head": rows[best]["head"]}}
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    first = {route: stage_block(blocks, ROUTES[route][0], runs[0]) for route in ROUTES}
+    search = {
+        "criterion": "mean of kNN / text IoU / PCK on validation sets from the training pool's material",
+        "student_steps": {
+            route: sum(blocks[st]["train"]["max_steps"] for st in stages) for route, stages in ROUTES.items()
+        },
+        "config_before": {
+            r: {"lr": b["train"]["lr"], "head": b["heads"]["hidden_dim"]} for r, b in first.items()
+        },
+        "routes": routes,
+        "proxy": proxy,
+        "timings_s": timings,
+        "machine": machine,
+    }
+    (out / "search.json").write_text(json.dumps(search, indent=1) + "\n")
+    lines = ["# eupe demo --search", "", *search_lines(search)]
+    (out / "search.md").write_text("\n".join(lines) + "\n")
+    return search
+
+
+def search_lines(search: dict[str, Any]) -> list[str]:
+    """The search as markdown: one row per route and setting, the chosen one in bold."""
+    lines = [
+        "Both routes get the same small search (seed 0, the headline budget), scored by the "
+        f"{search['criterion']} (never the benchmark sets):",
+        "",
+        "| route | lr | head width | kNN | text IoU | PCK | mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for route, r in search["routes"].items():
+        for row in r["runs"].values():
+            chosen = (row["lr"], row["head"]) == (r["chosen"]["lr"], r["chosen"]["head"])
+            cells = [f"{row['scores'][m]:.3f}" for m in METRICS] + [f"{row['mean']:.3f}"]
+            if chosen:
+                cells = [f"**{c}**" for c in cells]
+            lines.append(f"| {route} | {row['lr']:g} | {row['head']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Chosen: "
+        + "; ".join(
+            f"{route} lr {r['chosen']['lr']:g}, head {r['chosen']['head']}"
+            for route, r in search["routes"].items()
+        ),
+    ]
+    return lines

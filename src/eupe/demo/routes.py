@@ -47,7 +47,10 @@ class Run:
     route: str  # "eupe" or "direct"
     seed: int  # seed index k
     budget: int = 1  # multiplier of every stage's train.max_steps
-    folder: str = ""  # under the output dir: "seed_<k>" or "sweep/x<budget>/seed_<k>"
+    folder: str = ""  # "seed_<k>", "sweep/x<budget>/seed_<k>" or "sweep/proxy_<p>/seed_<k>"
+    proxy: str = ""  # the EUPE route's proxy: "" the finished one, else a build checkpoint ("1_8", ...)
+    lr: float = 0.0  # `eupe demo --search`: the student stages' peak lr (0: the config's)
+    head: int = 0  # `eupe demo --search`: the adapter heads' hidden width (0: the config's)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -62,13 +65,16 @@ class Run:
         return out / self.folder / self.stages[-1] / "final"
 
 
-def plan_runs(seeds: int, budgets: list[int] | None = None) -> list[Run]:
-    """Both routes for seeds 0..seeds-1: the headline run (`budgets` None) or a budget sweep."""
+def plan_runs(seeds: int, budgets: list[int] | None = None, proxies: list[str] = ()) -> list[Run]:
+    """Both routes for seeds 0..seeds-1: the headline run (`budgets` None) or a budget sweep, which
+    adds an EUPE run per seed from each of the proxy checkpoints `proxies` (student budget 1x)."""
     runs = []
     for budget in budgets or [1]:
         for k in range(seeds):
             folder = f"seed_{k}" if budgets is None else f"sweep/x{budget}/seed_{k}"
             runs += [Run(route, k, budget, folder) for route in ROUTES]
+    for p in proxies:
+        runs += [Run("eupe", k, 1, f"sweep/proxy_{p}/seed_{k}", p) for k in range(seeds)]
     return runs
 
 
@@ -78,7 +84,22 @@ def stage_block(blocks: dict[str, Any], stage: str, run: Run) -> dict[str, Any]:
     block["seed"] = int(block.get("seed", 0)) + SEED_STRIDE * run.seed
     train = block.setdefault("train", {})
     train["max_steps"] = int(train["max_steps"]) * run.budget
+    if run.lr:  # the schedule keeps its shape: the cosine floor stays the same fraction of the peak
+        train["min_lr"] = float(train.get("min_lr", 0.0)) * run.lr / float(train["lr"])
+        train["lr"] = run.lr
+    if run.head:
+        block.setdefault("heads", {})["hidden_dim"] = run.head
     return block
+
+
+def plan_search(lrs: list[float], heads: list[int]) -> list[Run]:
+    """`eupe demo --search`: both routes at every (lr, head width), seed 0, the headline budget."""
+    return [
+        Run(route, 0, 1, f"search/{route}_lr{lr:g}_h{h}", lr=lr, head=h)
+        for route in ROUTES
+        for lr in lrs
+        for h in heads
+    ]
 
 
 def train_run(run: Run, out: Path, configure: Callable[[Run, str], Any], sources: dict[str, Any]) -> None:
@@ -91,11 +112,13 @@ def train_run(run: Run, out: Path, configure: Callable[[Run, str], Any], sources
     run.record(out).write_text(json.dumps({"cpu_s": round(time.process_time() - t, 1)}) + "\n")
 
 
-def score_run(run: Run, out: Path, evaluate: Callable[[Any], dict[str, float]]) -> dict[str, Any]:
-    """Evaluate the run's final student and add the scores to its record."""
+def score_run(
+    run: Run, out: Path, evaluate: Callable[[Any], dict[str, float]], key: str = "scores"
+) -> dict[str, Any]:
+    """Evaluate the run's final student and add the scores to its record (under `key`)."""
     record = run.record(out)
     entry = json.loads(record.read_text())
-    entry["scores"] = evaluate(create_model(str(run.final(out))))
+    entry[key] = evaluate(create_model(str(run.final(out))))
     record.write_text(json.dumps(entry, indent=1) + "\n")
     return entry
 
@@ -120,15 +143,6 @@ def claim_job(folder: Path, name: str) -> bool:
     except FileExistsError:
         return False
     return True
-
-
-def wait_for(path: Path, poll_s: float = 1.0) -> None:
-    """Block until `path` exists (written by the first process); stop if that process has died."""
-    parent = os.getppid()
-    while not path.exists():
-        if os.getppid() != parent:
-            raise EupeError(f"the first demo process died before writing {path}")
-        time.sleep(poll_s)
 
 
 def run_in_child(job: Callable[[], None]) -> Any:
