@@ -283,7 +283,6 @@ def run_demo(
         return now
 
     # the proxy (Stage 1): trained once for the whole family, shipped with the package
-    t_cpu = time.process_time()
     proxy = choose_proxy(out, quick=quick, proxy_dir=proxy_dir, train_proxy=train_proxy)
     t = lap("proxy", t0)
 
@@ -364,6 +363,7 @@ def run_demo(
         eupe_runs(progress=False)
         references()
 
+    t_cpu = time.process_time()
     proxy_targets("")  # before the fork: both processes share them
     timings["proxy_targets_cpu"] = round(time.process_time() - t_cpu, 1)
     child = run_in_child(second_process)
