@@ -118,9 +118,10 @@ def test_search_gives_both_routes_the_same_grid_and_picks_each_routes_best(tmp_p
     assert len(runs) == 8 and {(r.lr, r.head) for r in runs if r.route == "direct"} == {
         (r.lr, r.head) for r in runs if r.route == "eupe"
     }
-    block = stage_block(blocks, "stage2", runs[-1])  # the lr moves the cosine floor with it
-    assert (block["train"]["lr"], block["heads"]["hidden_dim"]) == (2e-3, 256)
-    assert block["train"]["min_lr"] == pytest.approx(2 * blocks["stage2"]["train"]["min_lr"])
+    base = blocks["stage2"]["train"]
+    block = stage_block(blocks, "stage2", runs[0])  # the lr moves the cosine floor with it
+    assert (block["train"]["lr"], block["heads"]["hidden_dim"]) == (1e-3, 128)
+    assert block["train"]["min_lr"] == pytest.approx(base["min_lr"] * 1e-3 / base["lr"])
     per_run = {}
     for r in runs:  # made-up: the direct route likes the high lr, the EUPE route the low one
         good = (r.lr == 2e-3) == (r.route == "direct")
