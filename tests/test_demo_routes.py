@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from eupe.demo.pipeline import STAGES, DemoSettings, load_demo, student_label
-from eupe.demo.report import sweep_results, sweep_table
 from eupe.demo.routes import ROUTES, SEED_STRIDE, Run, claim, mean_and_spread, plan_runs, stage_block
+from eupe.demo.studies import sweep_results, sweep_table
 from eupe.models import count_params, create_model
 
 
@@ -110,7 +110,7 @@ def test_finish_sweep_aggregates_budgets_and_routes_into_json_table_and_plot(tmp
 
 
 def test_search_gives_both_routes_the_same_grid_and_picks_each_routes_best(tmp_path: Path):
-    from eupe.demo.report import search_results
+    from eupe.demo.studies import search_results
     from eupe.demo.routes import plan_search
 
     _, blocks = load_demo(quick=True)

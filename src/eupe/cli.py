@@ -617,7 +617,8 @@ def _run_build_proxy(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import run_demo
-    from .demo.report import format_table, headline, sweep_table
+    from .demo.report import format_table, headline
+    from .demo.studies import sweep_table
 
     results = run_demo(
         args.output_dir, quick=args.quick, seeds=args.seeds, sweep=args.sweep, search=args.search,

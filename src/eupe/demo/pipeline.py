@@ -48,7 +48,7 @@ from .experts import (
     ocr_teacher_spec,
 )
 from .proxy_build import ProxyChoice, choose_proxy
-from .report import BENCH_KEYS, METRICS, expert_fit, search_results, sweep_results, write_report
+from .report import BENCH_KEYS, METRICS, expert_fit, write_report
 from .routes import (
     ROUTES,
     Run,
@@ -65,6 +65,7 @@ from .routes import (
     stage_block,
     train_run,
 )
+from .studies import search_results, sweep_results
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # configs/demo, linked into the package
 STAGES = ("stage1", "stage2", "stage3", "direct")  # the config blocks under `stages:`
