@@ -110,8 +110,8 @@ def test_finish_sweep_aggregates_budgets_and_routes_into_json_table_and_plot(tmp
 
 
 def test_search_gives_both_routes_the_same_grid_and_picks_each_routes_best(tmp_path: Path):
-    from eupe.demo.studies import search_results
     from eupe.demo.routes import plan_search
+    from eupe.demo.studies import search_results
 
     _, blocks = load_demo(quick=True)
     runs = plan_search([1e-3, 2e-3], [128, 256])
