@@ -84,6 +84,23 @@ def pca_grid(models: dict[str, Featurizer], images: np.ndarray, path: Path, cell
     return path
 
 
+def _steps_axis(ax, steps: list[int], label: str, metric: str) -> None:
+    """A benchmark panel against training steps: log-2 x axis ticked at the steps run."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel(label)
+    ax.set_title(LABELS[metric], fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, axes, path: Path) -> Path:
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def sweep_plot(sweep: dict, path: Path) -> Path:
     """One panel per benchmark: score against student steps for both routes (error bars: the spread
     over seeds), the experts and the proxy as dashed lines."""
@@ -98,16 +115,8 @@ def sweep_plot(sweep: dict, path: Path) -> Path:
         for name, r in {**sweep["teachers"], "proxy": sweep["proxy"]}.items():
             ax.axhline(r[m], linestyle="--", linewidth=0.8, color="gray")
             ax.annotate(name, (steps[0], r[m]), fontsize=6, color="gray", va="bottom")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.set_xlabel("student steps")
-        ax.set_title(LABELS[m], fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        _steps_axis(ax, steps, "student steps", m)
+    return _save(plt, fig, axes, path)
 
 
 def proxy_budget_plot(sweep: dict, path: Path) -> Path:
@@ -123,13 +132,5 @@ def proxy_budget_plot(sweep: dict, path: Path) -> Path:
         ax.errorbar(steps, ys, yerr=es, marker="o", capsize=3, label="EUPE student")
         ax.plot(steps, [b["proxy_scores"][m] for b in budgets.values()], marker="s", label="the proxy")
         ax.axhline(sweep["routes"]["direct"]["1"]["mean"][m], linestyle="--", color="C3", label="direct (1x)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.set_xlabel("the proxy's Stage-1 steps")
-        ax.set_title(LABELS[m], fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        _steps_axis(ax, steps, "the proxy's Stage-1 steps", m)
+    return _save(plt, fig, axes, path)

@@ -23,7 +23,6 @@ learns from it; that is where the EUPE route's advantage comes from. The demo do
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from ..distill.cache_build import build_cache
 from ..distill.config import DistillConfig, load_config
 from ..distill.trainer import FINAL_DIR, Distiller
 from ..errors import ConfigError, EupeError
-from ..files import atomic_write, write_atomic_dir
+from ..files import atomic_write, file_sha256, write_atomic_dir
 from ..models import create_model
 from ..runtime import shutdown
 from . import bench
@@ -64,12 +63,6 @@ CACHE_AUGMENT = {  # the demo's views: random-resized crops and flips, no photom
 
 
 # -- the shipped folder -------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_shipped(folder: str | os.PathLike = SHIPPED) -> dict[str, Any]:
@@ -83,7 +76,7 @@ def load_shipped(folder: str | os.PathLike = SHIPPED) -> dict[str, Any]:
         path = folder / name
         if not path.is_file():
             raise EupeError(f"{folder}: {name} is missing; rebuild it with `eupe demo build-proxy`")
-        if sha256(path) != build["sha256"].get(name):
+        if file_sha256(path) != build["sha256"].get(name):
             raise EupeError(
                 f"{path}: sha256 differs from {BUILD_FILE}'s; the file is corrupt or was changed "
                 f"(rebuild with `eupe demo build-proxy`, or run `eupe demo --train-proxy`)"
@@ -107,7 +100,7 @@ def ship(final: Path, out: Path, build: dict[str, Any]) -> dict[str, Any]:
             atomic_write(out / name, lambda tmp, name=name: _half(final / name, tmp))
         else:
             atomic_write(out / name, (final / name).read_bytes())
-    build = {**build, "sha256": {name: sha256(out / name) for name in MODEL_FILES}}
+    build = {**build, "sha256": {name: file_sha256(out / name) for name in MODEL_FILES}}
     atomic_write(out / BUILD_FILE, json.dumps(build, indent=1) + "\n")
     return build
 

@@ -7,7 +7,6 @@ size and normalization, output names and shapes, versions, the measured differen
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ..errors import EupeError
+from ..files import file_sha256
 from . import runtimes as rt
 
 FORMATS = {"onnx": ".onnx", "executorch": ".pte", "pt2": ".pt2", "hf": "_hf"}  # hf: a folder
@@ -93,14 +93,6 @@ def _cosines(got: list[torch.Tensor], want: list[torch.Tensor], names: list[str]
         n: float(torch.nn.functional.cosine_similarity(g.float(), w.float(), dim=-1).mean())
         for n, g, w in zip(names, got, want)
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shape(t: torch.Tensor, dynamic: bool, name: str) -> list[int | str]:
@@ -229,7 +221,7 @@ def export_model(
     info.update(
         {
             "artifact": path.name,
-            "sha256": _sha256(path / "model.safetensors" if path.is_dir() else path),
+            "sha256": file_sha256(path / "model.safetensors" if path.is_dir() else path),
             "bytes": sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size,
             "model": arch,
             "source": source or arch,
