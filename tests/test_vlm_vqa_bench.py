@@ -87,6 +87,26 @@ def test_easy_vqa_rows_records_and_baselines(tmp_path):
         ev.easy_vqa_root(tmp_path)
 
 
+def test_the_question_only_baseline_answers_each_wording_as_training_did():
+    def row(q, a):
+        return {"question": q, "answer": a, "kind": ev.kind(a)}
+
+    train = [row("is there a red shape?", "no")] * 2 + [row("is there a red shape?", "yes")]
+    train += [row("what shape is it?", "circle")] * 3 + [row("what color is the circle?", "red")]
+    train += [row("is there not a red shape?", "yes")]
+    test = [
+        row("is there a red shape?", "no"),  # the wording's majority: hit
+        row("is there a red shape?", "yes"),  # miss
+        row("what shape is it?", "triangle"),  # miss
+        row("what color is the circle?", "red"),  # hit
+        row("which shape is shown?", "circle"),  # a wording training never asked: the overall majority, hit
+    ]
+    blind = ev.question_only_baseline(train, test)
+    assert blind["accuracy"] == pytest.approx(3 / 5)
+    assert blind["by_kind"] == pytest.approx({"yes/no": 0.5, "shape": 0.5, "color": 1.0})
+    assert ev.accuracy(["no", "no", "no", "no", "no"], test)["accuracy"] == pytest.approx(1 / 5)
+
+
 def test_the_pixel_baseline_hands_on_the_raw_patches(tmp_path):
     folder = ev.build_baseline("pixels", tmp_path)
     model = create_model(str(folder)).eval()
@@ -119,8 +139,14 @@ def test_bench_trains_scores_and_resumes(tmp_path, capsys):
         assert 0.0 <= entry["accuracy"] <= 1.0 and set(entry["by_kind"]) == {"yes/no", "shape", "color"}
         assert entry["seconds"] > 0 and entry["settings"]["steps_b"] == 3
     assert 0.0 < results["baseline_majority"] < 1.0
+    assert set(results["baseline_question_only"]["by_kind"]) == {"yes/no", "shape", "color"}
+    assert "| question only (no image) |" in (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
     assert "| random_vitt16 |" in capsys.readouterr().out
+    # a scored encoder keeps its trained VLM, not its resume checkpoints
+    for name in ("random_vitt16", "pixels"):
+        assert (out / "runs" / name / "final" / "config.json").is_file()
+        assert not (out / "runs" / name / "checkpoints").exists()
     # a second run keeps what is scored: nothing is trained again
     before = (out / "runs" / "pixels" / "score.json").stat().st_mtime_ns
     assert main(argv) == 0

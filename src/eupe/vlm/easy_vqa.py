@@ -119,6 +119,30 @@ def majority_baseline(train: list[dict], test: list[dict], by_kind: bool = False
     return scores
 
 
+def question_only_baseline(train: list[dict], test: list[dict]) -> dict[str, Any]:
+    """A blind model: each test question gets the most frequent training answer to the same wording
+    (the most frequent answer overall for a wording training never asked). It never sees the image,
+    so what an encoder adds is its margin over this row. {"accuracy", "by_kind"}."""
+    by_text: dict[str, Counter] = {}
+    for r in train:
+        by_text.setdefault(r["question"], Counter())[r["answer"]] += 1
+    fallback = Counter(r["answer"] for r in train).most_common(1)[0][0]
+    guesses = [
+        by_text[r["question"]].most_common(1)[0][0] if r["question"] in by_text else fallback for r in test
+    ]
+    return accuracy(guesses, test)
+
+
+def accuracy(answers: list[str], rows: list[dict]) -> dict[str, Any]:
+    """Exact-match accuracy of `answers` (already normalised) to `rows`, overall and by question kind."""
+    hits = [a == r["answer"] for a, r in zip(answers, rows, strict=True)]
+    by_kind = {}
+    for k in KINDS_ORDER:
+        kept = [h for h, r in zip(hits, rows) if r["kind"] == k]
+        by_kind[k] = sum(kept) / max(len(kept), 1)
+    return {"accuracy": sum(hits) / max(len(rows), 1), "by_kind": by_kind}
+
+
 def encoder_key(spec: str) -> str:
     """A folder- and table-friendly name for an encoder spec (a zoo name, a baseline or a path)."""
     parts = [p for p in Path(spec).parts if p not in ("/", ".", "..")]
