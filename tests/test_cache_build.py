@@ -44,6 +44,7 @@ LAUNCH = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_ranks_sum_their_counts_past_a_slow_shard(tmp_path):
     """Rank 1 finishes its shard long after rank 0 (longer than train.dist_timeout_s): both wait for
     it on the finish group, and cache.json counts the views of both ranks."""

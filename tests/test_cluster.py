@@ -184,6 +184,7 @@ def test_ranks_share_weights_but_draw_their_own_masks(tmp_path):
     assert a["out"] != b["out"]  # ... then each rank draws its own drop path / RoPE jitter
 
 
+@pytest.mark.slow
 def test_two_process_resume_is_exact(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = [*SMALL, *DRAWS, "train.keep_checkpoints=0"]
@@ -209,6 +210,7 @@ def test_two_process_resume_is_exact(tmp_path):
 
 
 # -- compile, norm steps, lr scaling, devices -----------------------------------------------------------
+@pytest.mark.slow
 def test_compiled_run_matches_eager(tmp_path):
     args = [
         *SMALL,

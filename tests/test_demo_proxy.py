@@ -47,6 +47,7 @@ def test_a_changed_proxy_file_is_refused(tmp_path: Path):
         choose_proxy(tmp_path, proxy_dir=copy, train_proxy=True)
 
 
+@pytest.mark.slow
 def test_build_proxy_runs_end_to_end_on_a_tiny_budget(tmp_path: Path):
     """Pool -> teacher cache on two ranks -> Stage 1 with its 1/8, 1/4, 1/2 checkpoints -> scores
     -> the shippable files; a second call finds everything done and trains nothing."""

@@ -176,6 +176,7 @@ def test_executorch_xnnpack_round_trip(tmp_path, name, overrides):
     assert any("layer_norm" in op for op in info["non_delegated_ops"])
 
 
+@pytest.mark.slow
 @needs_executorch
 def test_executorch_int8_reports_cosine(tmp_path):
     model = _model("eupe_convnext_tiny", depths=(1, 1, 1, 1))

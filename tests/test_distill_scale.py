@@ -111,6 +111,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_convnext_under_fsdp_steps_with_the_gpu_policies(tmp_path):
     """A ConvNeXt student with train.fsdp=true on 2 gloo processes: the GPU's channels_last layout
     must not reach `fully_shard`, which shards contiguous parameters only."""

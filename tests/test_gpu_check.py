@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_runs_and_reports(tmp_path):
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--tiny", "--procs", "2"]

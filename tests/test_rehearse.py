@@ -127,6 +127,7 @@ def test_tracker_counts_on_fake_tensors_what_real_tensors_hold():
         assert peaks[0] == peaks[1] > 0
 
 
+@pytest.mark.slow
 def test_paper_config_fits_and_agrees_with_the_plan(tmp_path):
     """configs/paper/stage2_vitt16.yaml at 8 ranks: fits 80 GB and `eupe plan` agrees within 15%."""
     code, r = _cli(tmp_path, str(REPO / "configs/paper/stage2_vitt16.yaml"), "--rehearse", "8")

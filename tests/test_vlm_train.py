@@ -143,6 +143,7 @@ def test_killed_stage_resumes_exactly(tmp_path, monkeypatch, grouped):
     assert steps == sorted(steps)  # the log lines written after checkpoint-4 were dropped on resume
 
 
+@pytest.mark.slow
 def test_bad_records_are_skipped_and_counted_over_two_ranks(tmp_path):
     """torchrun, 2 CPU processes (gloo DDP): each rank skips its own bad records; the counts are summed."""
     paths = write_toy_data(tmp_path / "data", n=7)
