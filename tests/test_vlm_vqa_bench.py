@@ -125,6 +125,25 @@ def test_answers_match_after_case_space_and_full_stop():
     assert normalize("a red circle") != "red"
 
 
+def test_the_training_seed_changes_the_vlm_run_but_not_the_questions(tmp_path, monkeypatch):
+    from eupe.cli import build_parser
+    from eupe.vlm import vqa_bench
+
+    args = build_parser().parse_args(["vlm", "bench", "--encoders", "pixels", "--output-dir", "x"])
+    assert args.train_seed == 0
+    seen = {}
+    monkeypatch.setattr(vqa_bench, "run_bench", lambda *a, settings, **k: seen.setdefault("s", settings))
+    monkeypatch.setattr(vqa_bench, "format_table", lambda results: "")
+    argv = ["vlm", "bench", "--quick", "--train-seed", "3", "--encoders", "pixels", "--output-dir", "x"]
+    assert main(argv) == 0
+    s = seen["s"]
+    assert (s.train_seed, s.seed, s.steps_b) == (3, 0, vqa_bench.BenchSettings.quick().steps_b)
+    cfg = vqa_bench.train_config(
+        "pixels", tmp_path / "run", tmp_path / "lm", tmp_path / "d.json", tmp_path, s
+    )
+    assert cfg.trainer.seed == 3
+
+
 def test_bench_trains_scores_and_resumes(tmp_path, capsys):
     root = fake_easy_vqa(tmp_path / "data")
     lm = tiny_language_model(tmp_path / "lm")

@@ -864,6 +864,14 @@ def _cmd_vlm(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--data", metavar="DIR", help="an easy-VQA data folder (default: the installed package's)")
     b.add_argument("--quick", action="store_true", help="a few steps and questions: the path, not a score")
+    b.add_argument(
+        "--train-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the VLM training (same questions): rerun with another into another --output-dir to "
+        "see the spread",
+    )
     b.set_defaults(run=_run_vlm_bench)
 
 
@@ -890,6 +898,7 @@ def _run_vlm_bench(args: argparse.Namespace) -> int:
     from .vlm.vqa_bench import BenchSettings, format_table, run_bench
 
     settings = BenchSettings.quick() if args.quick else BenchSettings()
+    settings.train_seed = args.train_seed
     results = run_bench(
         args.encoders,
         args.output_dir,
