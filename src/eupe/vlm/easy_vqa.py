@@ -104,36 +104,36 @@ def write_llava_data(out: Path, train: list[dict], test: list[dict]) -> dict[str
     return paths
 
 
+def most_frequent_answer(rows: list[dict]) -> str | None:
+    """The answer given most often in `rows` (the first seen among ties); None for no rows."""
+    answers = Counter(r["answer"] for r in rows)
+    return answers.most_common(1)[0][0] if answers else None
+
+
 def majority_baseline(train: list[dict], test: list[dict], by_kind: bool = False) -> Any:
     """Accuracy on `test` of always giving the most frequent training answer; with `by_kind`, the
     accuracy within each question kind of that kind's most frequent answer."""
     if not by_kind:
-        best = Counter(r["answer"] for r in train).most_common(1)[0][0]
-        return sum(r["answer"] == best for r in test) / max(len(test), 1)
-    scores = {}
-    for k in KINDS_ORDER:
-        rows = [r for r in test if r["kind"] == k]
-        answers = Counter(r["answer"] for r in train if r["kind"] == k)
-        best = answers.most_common(1)[0][0] if answers else None
-        scores[k] = sum(r["answer"] == best for r in rows) / max(len(rows), 1)
-    return scores
+        return accuracy([most_frequent_answer(train)] * len(test), test)["accuracy"]
+    best = {k: most_frequent_answer([r for r in train if r["kind"] == k]) for k in KINDS_ORDER}
+    return accuracy([best[r["kind"]] for r in test], test)["by_kind"]
 
 
 def question_only_baseline(train: list[dict], test: list[dict]) -> dict[str, Any]:
     """A blind model: each test question gets the most frequent training answer to the same wording
     (the most frequent answer overall for a wording training never asked). It never sees the image,
     so what an encoder adds is its margin over this row. {"accuracy", "by_kind"}."""
-    by_text: dict[str, Counter] = {}
+    by_text: dict[str, list[dict]] = {}
     for r in train:
-        by_text.setdefault(r["question"], Counter())[r["answer"]] += 1
-    fallback = Counter(r["answer"] for r in train).most_common(1)[0][0]
+        by_text.setdefault(r["question"], []).append(r)
+    fallback = most_frequent_answer(train)
     guesses = [
-        by_text[r["question"]].most_common(1)[0][0] if r["question"] in by_text else fallback for r in test
+        most_frequent_answer(by_text[r["question"]]) if r["question"] in by_text else fallback for r in test
     ]
     return accuracy(guesses, test)
 
 
-def accuracy(answers: list[str], rows: list[dict]) -> dict[str, Any]:
+def accuracy(answers: list[str | None], rows: list[dict]) -> dict[str, Any]:
     """Exact-match accuracy of `answers` (already normalised) to `rows`, overall and by question kind."""
     hits = [a == r["answer"] for a, r in zip(answers, rows, strict=True)]
     by_kind = {}
